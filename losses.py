@@ -60,38 +60,54 @@ def log_importance_weights(batch_size, dataset_size, estimator):
 class _BatchLogDensities(torch.autograd.Function):
     """log q(z_i) and sum_d log q(z_i,d) from the B x B x D matrix L[i,j,d] = log q(z_i,d | x_j).
 
-    The matrix is never held whole: forward and backward walk it one latent dimension (B x B) at a
-    time, and backward recomputes each slice, so memory stays O(B^2) and the passes stay in cache.
+    One D x B x B buffer holds exp(L - shift) for the dimension-wise marginals; the joint needs
+    only a B x B sum. Each shift is a per-dimension bound on L (the Gaussian's peak), so exp
+    cannot overflow and no row maximum is needed; a row that underflows is redone exactly.
+    Backward reads the buffer and recomputes z_i - mu_j one B x B dimension at a time.
     """
 
     @staticmethod
     def forward(ctx, z, mu, logvar, log_w):
-        joint = log_w.clone()               # log w_ij + sum_d L[i,j,d]
-        log_marginals = torch.empty_like(z)  # logsumexp_j (log w_ij + L[i,j,d])
-        for d in range(z.shape[1]):
-            slice_d = log_normal(z[:, d, None], mu[None, :, d], logvar[None, :, d])
-            joint += slice_d
-            log_marginals[:, d] = torch.logsumexp(slice_d + log_w, dim=1)
+        inv_var, peak = torch.exp(-logvar), -0.5 * (LOG_2PI + logvar)  # (B, D), indexed by j
+        shift = peak.max(0).values                                         # (D,): L[:, :, d] <= shift[d]
+        buffer = z.t()[:, :, None] - mu.t()[:, None, :]                    # (D, B_i, B_j): z_i - mu_j
+        buffer.square_().mul_(-0.5 * inv_var.t()[:, None, :]).add_((peak - shift).t()[:, None, :])
+        joint = buffer.sum(0).add_(log_w + shift.sum())                    # log w_ij + sum_d L[i,j,d]
         log_qz = torch.logsumexp(joint, dim=1)
-        ctx.save_for_backward(z, mu, logvar, log_w, log_qz, log_marginals, joint)
-        return log_qz, log_marginals.sum(1)
+        if log_w.dim():
+            buffer.add_(log_w)
+        row_sums = buffer.exp_().sum(2)                                     # (D, B)
+        log_offset = shift[:, None].repeat(1, z.shape[0])
+        for d in torch.nonzero((row_sums < 1e-30).any(1)).flatten().tolist():
+            exact = _log_density_slice(z, mu, logvar, d) - shift[d] + (log_w if log_w.dim() else 0)
+            row_max = exact.max(1, keepdim=True).values
+            buffer[d] = torch.exp(exact - row_max)
+            row_sums[d] = buffer[d].sum(1)
+            log_offset[d] += row_max[:, 0]
+        log_marginals = row_sums.log() + log_offset + (0 if log_w.dim() else log_w)
+        joint_weight = torch.exp(joint - log_qz[:, None])                 # softmax over j
+        ctx.save_for_backward(z, mu, inv_var, buffer, row_sums, joint_weight)
+        return log_qz, log_marginals.sum(0)
 
     @staticmethod
     def backward(ctx, grad_qz, grad_prod):
-        z, mu, logvar, log_w, log_qz, log_marginals, joint = ctx.saved_tensors
-        joint_weight = torch.exp(joint - log_qz[:, None]).mul_(grad_qz[:, None])  # softmax_j * grad
-        inv_var = torch.exp(-logvar)
-        grads = [torch.empty_like(z), torch.empty_like(mu), torch.empty_like(logvar)]
+        z, mu, inv_var, buffer, row_sums, joint_weight = ctx.saved_tensors
+        joint_weight = joint_weight * grad_qz[:, None]
+        row_scale = grad_prod[None, :] / row_sums
+        grads = [torch.empty_like(z), torch.empty_like(mu), torch.empty_like(mu)]
         for d in range(z.shape[1]):
+            weight = torch.addcmul(joint_weight, buffer[d], row_scale[d, :, None])  # dOut / dL[i,j,d]
             diff = z[:, d, None] - mu[None, :, d]
-            slice_d = -0.5 * (LOG_2PI + logvar[None, :, d] + diff * diff * inv_var[None, :, d])
-            weight = torch.exp(slice_d + log_w - log_marginals[:, d, None]).mul_(grad_prod[:, None])
-            weight += joint_weight              # dOut / dL[i,j,d]
-            weighted_diff = (weight * diff).mul_(inv_var[None, :, d])
-            grads[0][:, d] = -weighted_diff.sum(1)
-            grads[1][:, d] = weighted_diff.sum(0)
-            grads[2][:, d] = 0.5 * ((weighted_diff * diff).sum(0) - weight.sum(0))
+            weighted_diff = weight * diff
+            grads[0][:, d] = -(weighted_diff * inv_var[None, :, d]).sum(1)
+            grads[1][:, d] = weighted_diff.sum(0) * inv_var[:, d]
+            grads[2][:, d] = 0.5 * ((weighted_diff.mul_(diff)).sum(0) * inv_var[:, d] - weight.sum(0))
         return grads[0], grads[1], grads[2], None
+
+
+def _log_density_slice(z, mu, logvar, d):
+    """L[:, :, d] = log N(z_i,d; mu_j,d, exp(logvar_j,d)), (B, B)."""
+    return log_normal(z[:, d, None], mu[None, :, d], logvar[None, :, d])
 
 
 def tc_terms(z, mu, logvar, dataset_size, estimator="mws"):
@@ -103,6 +119,7 @@ def tc_terms(z, mu, logvar, dataset_size, estimator="mws"):
     """
     z, mu, logvar = z.float(), mu.float(), logvar.float()
     log_w = log_importance_weights(z.shape[0], dataset_size, estimator).to(z.device)
+    log_w = log_w[0, 0] if estimator == "mws" else log_w  # a constant: added once, not B x B times
     if dataset_size < z.shape[0]:
         raise ValueError(f"dataset_size {dataset_size} is smaller than the batch {z.shape[0]}")
     with torch.autocast(z.device.type, enabled=False):
