@@ -1,0 +1,264 @@
+"""Throughput, memory and metric-speed figures for this toolkit; prints one table. Needs torch, numpy, pillow.
+
+    python bench.py            # a few minutes on 2 CPU cores
+    python bench.py --quick    # under a minute: fewer steps and rounds, smaller inputs
+
+Speeds are medians over interleaved rounds, measured in this one process; read them as ratios
+(absolute figures drift with the machine's load). Memory figures come from fresh subprocesses.
+"""
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+import data
+import losses
+import metrics
+import models
+import train
+
+BENCH_DATA = "sprites:positions=16"  # 184,320 images: a dSprites-like grid at a quarter the size
+ROWS = []
+
+
+def row(what, value, how):
+    ROWS.append((what, value, how))
+    print(f"  {what:<44} {value:>16}  {how}", flush=True)
+
+
+# ----------------------------------------------------------------------------- training speed
+
+def make_model(arch, channels=1):
+    model = models.build_model(arch, 10, channels)
+    return model.to(memory_format=torch.channels_last) if arch == "conv" else model
+
+
+def bare_step_rate(arch, precision, batch_size, steps, objective="betatc", images=None, seed=0):
+    """Forward, loss, backward and Adam step on batches already in memory: the floor to reach."""
+    torch.manual_seed(seed)
+    model = make_model(arch)
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-4, foreach=True)
+    rng = np.random.default_rng(seed)
+    batches = [train.to_float(torch.from_numpy(images[np.sort(rng.choice(len(images), batch_size,
+                                                                          replace=False))]))
+               for _ in range(8)]
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    start = time.perf_counter()
+    for step in range(steps):
+        x = batches[step % len(batches)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+            logits, mu, logvar, z = model(x)
+        loss, _ = losses.objective(objective, x, logits, mu, logvar, z, dataset_size=len(images))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return steps * batch_size / (time.perf_counter() - start)
+
+
+def train_loop_rate(arch, precision, batch_size, steps, folder, seed=0):
+    """train.py itself, in this process: its progress rate covers the training loop only."""
+    out = os.path.join(folder, f"bench-{arch}-{precision}.pt")
+    argv = ["--data", BENCH_DATA, "--arch", arch, "--precision", precision, "--batch-size",
+            str(batch_size), "--steps", str(steps), "--out", out, "--force", "--log-every",
+            str(steps), "--save-every", str(10 * steps), "--final-eval", "2000", "--seed", str(seed)]
+    stdout, sys.stdout = sys.stdout, open(os.devnull, "w")
+    try:
+        assert train.main(argv) == 0
+    finally:
+        sys.stdout.close()
+        sys.stdout = stdout
+    return torch.load(out, weights_only=True)["final"]["img_per_s"]
+
+
+def bench_training(steps, rounds, folder):
+    images = data.load(BENCH_DATA).images
+    for arch in ("conv", "mlp"):
+        for precision in ("fp32", "bf16"):
+            bare, loop = [], []
+            for r in range(rounds):
+                bare.append(bare_step_rate(arch, precision, 64, steps, images=images, seed=r))
+                loop.append(train_loop_rate(arch, precision, 64, steps, folder, seed=r))
+            b, t = statistics.median(bare), statistics.median(loop)
+            row(f"{arch} {precision} b64: train.py / bare step", f"{t:,.0f} / {b:,.0f} = {t / b:.2f}x",
+                f"img/s, betatc, median of {rounds} interleaved rounds of {steps} steps")
+
+
+def bench_tc_estimator(rounds, sizes):
+    """The betatc step against the same step with the plain VAE loss (no B x B x D matrix)."""
+    for batch_size in sizes:
+        images = (np.random.default_rng(0).random((max(batch_size * 2, 4096), 64, 64, 1)) > 0.8)
+        images = images.astype(np.uint8) * 255
+        steps = max(2, 256 // batch_size * 4)
+        vae, tc = [], []
+        for r in range(rounds):
+            vae.append(bare_step_rate("mlp", "fp32", batch_size, steps, "vae", images, r))
+            tc.append(bare_step_rate("mlp", "fp32", batch_size, steps, "betatc", images, r))
+        v, t = statistics.median(vae), statistics.median(tc)
+        row(f"mlp b{batch_size}: betatc step / vae step", f"{t:,.0f} / {v:,.0f} = {t / v:.2f}x",
+            f"img/s, fp32, {steps} steps, median of {rounds}")
+
+
+def bench_denormals(steps):
+    """A trained model's step with and without flushing denormals to zero."""
+    images = data.load("sprites:positions=8").images
+    torch.manual_seed(0)
+    model = make_model("conv")
+    optimizer = torch.optim.Adam(model.parameters(), lr=5e-4, foreach=True)
+    rng = np.random.default_rng(0)
+
+    def run(n):
+        start = time.perf_counter()
+        for _ in range(n):
+            x = train.to_float(torch.from_numpy(images[np.sort(rng.choice(len(images), 64, replace=False))]))
+            logits, mu, logvar, z = model(x)
+            loss, _ = losses.objective("betatc", x, logits, mu, logvar, z, dataset_size=len(images))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return n * 64 / (time.perf_counter() - start)
+
+    run(steps)  # train first: the slowdown appears once weights and activations drift small
+    torch.set_flush_denormal(False)
+    slow = run(max(steps // 5, 10))
+    torch.set_flush_denormal(True)
+    fast = run(max(steps // 5, 10))
+    row("conv b64 after training: flush / no flush", f"{fast:,.0f} / {slow:,.0f} = {fast / slow:.2f}x",
+        f"img/s, fp32, after {steps} betatc steps")
+
+
+def bench_encoding(count):
+    images = data.load(BENCH_DATA).images[:count]
+    model = make_model("conv")
+    source = train.ImageSource(images, torch.device("cpu"))
+    start = time.perf_counter()
+    train.encode_dataset(model, source)
+    rate = count / (time.perf_counter() - start)
+    row("full-dataset encoding (conv)", f"{rate:,.0f} img/s", f"inference_mode, batches of 1024, {count:,} images")
+
+
+# ----------------------------------------------------------------------------- metrics and data
+
+DSPRITES_SIZES = (3, 6, 40, 32, 32)  # shape, scale, orientation, x, y
+
+
+def fake_posteriors(n=737280, latents=10, seed=0):
+    """Factors on the dSprites grid (tiled or cut to n rows) and posteriors like a trained VAE's:
+    a few latents that track one factor (sigma 0.02..0.3), one that mixes two, the rest at the prior."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in DSPRITES_SIZES], indexing="ij"), -1)
+    grid = grid.reshape(-1, len(DSPRITES_SIZES))
+    factors = grid[np.sort(rng.choice(len(grid), n, replace=False))] if n < len(grid) else np.resize(grid, (n, 5))
+    mu = rng.normal(0, 0.05, (n, latents))
+    sigma = rng.uniform(0.9, 1.0, (n, latents))  # inactive latents: posterior = prior
+    track = [(3, 0.02, 0.08), (4, 0.02, 0.08), (1, 0.05, 0.2), (2, 0.1, 0.3), (0, 0.1, 0.3)]
+    for j, (k, low, high) in enumerate(track[:latents]):
+        levels = np.linspace(-2, 2, DSPRITES_SIZES[k])
+        mu[:, j] = levels[factors[:, k]] + rng.normal(0, 0.05, n)
+        sigma[:, j] = rng.uniform(low, high, n)
+    if latents > len(track):  # x and y mixed, with sigmas spread over the whole 0.02..1 range
+        j = len(track)
+        mu[:, j] = (factors[:, 3] - factors[:, 4]) / 16 + rng.normal(0, 0.1, n)
+        sigma[:, j] = np.exp(rng.uniform(np.log(0.02), 0, n))
+    return mu, 2 * np.log(sigma), factors
+
+
+def per_pair_loop(codes, factors, bins=20):
+    """disentanglement_lib's MIG loop with a numpy stand-in for sklearn's mutual_info_score (which
+    labels both arrays with np.unique and counts pairs): the baseline that discrete_mig replaces."""
+    def mutual_info_score(x, y):
+        xs, x = np.unique(x, return_inverse=True)
+        ys, y = np.unique(y, return_inverse=True)
+        table = np.bincount(x * len(ys) + y, minlength=len(xs) * len(ys)).reshape(len(xs), len(ys))
+        p = table / len(x)
+        outer = p.sum(1, keepdims=True) * p.sum(0, keepdims=True)
+        return np.sum(p[p > 0] * np.log(p[p > 0] / outer[p > 0]))
+
+    binned = [np.digitize(c, np.histogram(c, bins)[1][:-1]) for c in codes.T]
+    mi = np.array([[mutual_info_score(f, b) for f in factors.T] for b in binned])
+    entropy = np.array([mutual_info_score(f, f) for f in factors.T])
+    ranked = np.sort(mi, axis=0)[::-1]
+    return np.mean((ranked[0] - ranked[1]) / entropy)
+
+
+def bench_metrics(n):
+    mu, logvar, factors = fake_posteriors(n)
+    timings = {}
+    for name, call in (("discrete_mig", lambda: metrics.discrete_mig(mu, factors)),
+                       ("gaussian_mig", lambda: metrics.gaussian_mig(mu, logvar, factors)),
+                       ("per-pair loop", lambda: {"mig": per_pair_loop(mu, factors)})):
+        start = time.perf_counter()
+        value = call()["mig"]
+        timings[name] = time.perf_counter() - start
+        row(f"{name} on {len(mu):,} x 10", f"{timings[name]:.2f} s", f"MIG {value:.3f}, factors 3/6/40/32/32")
+    row("discrete_mig speed-up over the per-pair loop", f"{timings['per-pair loop'] / timings['discrete_mig']:.1f}x",
+        "numpy stand-in for sklearn's mutual_info_score, which measured ~2x slower still")
+
+
+def peak_rss_of(code):
+    """Run `code` in a fresh Python; return (its printed seconds, its peak RSS in GB)."""
+    script = ("import resource, time, sys; sys.path.insert(0, %r); import data; start = time.perf_counter()\n"
+              % os.path.dirname(os.path.abspath(__file__)) + code +
+              "\nprint(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    seconds, rss_kb = result.stdout.split()[-2:]
+    return float(seconds), int(rss_kb) / 2**20
+
+
+def bench_data_loading(folder, quick):
+    name = "sprites:positions=16" if quick else "sprites"
+    seconds, rss = peak_rss_of(f"d = data.load({name!r}); n = d.images.nbytes / 2**30")
+    nbytes = data.load(name).images.nbytes / 2**30 if quick else 3.0
+    row(f"load built-in {name}", f"{seconds:.1f} s, {rss:.2f} GB", f"peak RSS of a fresh process; images {nbytes:.2f} GB")
+    n = 737_280 // (16 if quick else 4)
+    path = os.path.join(folder, f"dsprites-{n}.npz")
+    if not os.path.exists(path):
+        sprites = data.load("sprites")
+        step = 737_280 // n
+        images = (sprites.images[::step, :, :, 0] // 255).astype(np.uint8)
+        classes = np.concatenate([np.zeros((len(images), 1), np.int64), sprites.factors[::step]], 1)
+        np.savez_compressed(path, imgs=images, latents_classes=classes,
+                            latents_values=classes.astype(np.float64))
+        del sprites, images
+    seconds, rss = peak_rss_of(f"d = data.load({path!r})")
+    array_gb = n * 4096 / 2**30
+    row(f"load dSprites-layout npz ({n:,} images)", f"{seconds:.1f} s, {rss:.2f} GB",
+        f"peak RSS; images {array_gb:.2f} GB, so {rss / array_gb:.2f}x incl. the interpreter")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Measure training throughput (train.py against the bare "
+                                "model step), the TC estimator's cost, encoding, MIG and data loading.")
+    p.add_argument("--quick", action="store_true", help="fewer steps and rounds (under a minute)")
+    p.add_argument("--only", nargs="*", choices=("training", "tc", "denormals", "encoding", "metrics", "data"),
+                   help="run only these groups of rows")
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    groups = set(args.only or ("training", "tc", "denormals", "encoding", "metrics", "data"))
+    print(f"bench on {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    with tempfile.TemporaryDirectory() as folder:
+        if "training" in groups:
+            bench_training(steps=30 if args.quick else 150, rounds=1 if args.quick else 3, folder=folder)
+        if "tc" in groups:
+            bench_tc_estimator(rounds=1 if args.quick else 3, sizes=(64, 256) if args.quick else (64, 256, 2048))
+        if "denormals" in groups:
+            bench_denormals(60 if args.quick else 600)
+        if "encoding" in groups:
+            bench_encoding(4096 if args.quick else 32768)
+        if "metrics" in groups:
+            bench_metrics(737_280 // 16 if args.quick else 737_280)
+        if "data" in groups:
+            bench_data_loading(os.environ.get("BENCH_CACHE", folder), args.quick)
+    print("\n| what | figure | how |\n|---|---|---|")
+    for what, value, how in ROWS:
+        print(f"| {what} | {value} | {how} |")
+
+
+if __name__ == "__main__":
+    main()
