@@ -28,6 +28,7 @@ import models
 torch.set_flush_denormal(True)  # before the first op: denormal weights halve CPU speed otherwise
 
 CHECKPOINT_FORMAT = "disentangle-checkpoint-1"
+MAX_SKIPPED_IN_A_ROW = 100  # --skip-nonfinite gives up when the run itself has diverged
 # Options that define the run; on --resume they must match the checkpoint (or be left out).
 RUN_DEFINING = ("model", "beta", "alpha", "gamma", "estimator", "capacity", "capacity_steps",
                 "arch", "latents", "batch_size", "lr", "seed", "recon", "data_limit")
@@ -426,7 +427,7 @@ def train(parser, args):
     config.update(recon=recon, channels=channels, size=size, dataset_size=len(dataset),
                   dataset_name=dataset.name, factor_names=dataset.factor_names,
                   factor_sizes=dataset.factor_sizes, precision=args.precision)
-    step, history, evaluations, skipped = 0, [], [], 0
+    step, history, evaluations, skipped, skipped_in_a_row = 0, [], [], 0, 0
     if resumed:
         model.load_state_dict(resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
@@ -470,15 +471,17 @@ def train(parser, args):
             finite = math.isfinite(torch.nn.utils.get_total_norm(
                 [p.grad for p in model.parameters() if p.grad is not None]).item())
         if not finite:
-            skipped += 1
+            skipped, skipped_in_a_row = skipped + 1, skipped_in_a_row + 1
             described = "  ".join(f"{k}={v:.4g}" for k, v in terms.items())
-            if not args.skip_nonfinite:
+            if not args.skip_nonfinite or skipped_in_a_row > MAX_SKIPPED_IN_A_ROW:
                 checkpoint()  # the weights are still those of the last good step
-                raise UserError(f"step {step + 1}: the loss or its gradient is not finite "
+                in_a_row = f", {skipped_in_a_row} batches in a row" if skipped_in_a_row > 1 else ""
+                raise UserError(f"step {step + 1}: the loss or its gradient is not finite{in_a_row} "
                                 f"(loss={loss.item():.4g}  {described}); saved the last good state "
                                 f"(step {step}) to {args.out}. Lower --lr, or pass "
                                 "--skip-nonfinite to skip such batches")
             continue
+        skipped_in_a_row = 0
         scaler.step(optimizer)
         scaler.update()
         step += 1
