@@ -9,6 +9,8 @@ Every term is returned per sample, shape (B,) or (B, D); `objective` averages ov
            recon + gamma |KL - C(step)|            (Burgess et al. 2018, with `capacity`)
   betatc   recon + alpha MI + beta TC + gamma DWKL (Chen et al. 2018)
 All losses are computed in float32, also when the model runs under autocast.
+With the minibatch-weighted estimator (mws, Chen et al.'s w = 1/(B N)) the logged mi, tc and dwkl
+carry constant offsets (tc: +(D-1) log N); they do not change the gradients. mss weights sum to 1.
 """
 import math
 

@@ -523,13 +523,18 @@ def train(parser, args):
 
 def main(argv=None):
     parser, args = parse_args(argv)
+    return report_errors(lambda: train(parser, args), args.debug)
+
+
+def report_errors(work, debug=False):
+    """Run work(): a problem with the user's input is one line on stderr and exit code 1."""
     try:
-        return train(parser, args)
+        return work()
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
     except (UserError, data.DataError) as error:
-        if args.debug:
+        if debug:
             raise
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -164,39 +164,37 @@ def measure_mig(model, source, dataset, seed):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        state = train.load_checkpoint(args.checkpoint)
-        config = state["config"]
-        device = train.resolve_device(args.device)
-        model = train.model_from_checkpoint(state, args.checkpoint).to(device).eval()
-        dataset = data.load(args.data or config["data"], limit=config.get("data_limit"),
-                            seed=config.get("seed", 0))
-        channels, size = train.check_dataset(dataset, config["arch"], args.data or config["data"])
-        if (channels, size) != (config["channels"], config["size"]):
-            raise train.UserError(f"{args.data}: images are {size}x{size}x{channels}, the model "
-                                  f"was trained on {config['size']}x{config['size']}x{config['channels']}")
-        out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
-        os.makedirs(out, exist_ok=True)
-        source = train.ImageSource(dataset.images, device)
-        normalized_mi = None
-        if args.mig:
-            if dataset.factors is None:
-                raise train.UserError(f"{dataset.name}: has no ground-truth factors, so no MIG")
-            results, report = measure_mig(model, source, dataset, args.seed)
-            normalized_mi = normalized(results["gaussian"])
-            with open(os.path.join(out, "metrics.json"), "w") as f:
-                json.dump(report, f, indent=1)
-            heatmap(normalized_mi, [f"z{j}" for j in range(model.latents)],
-                    dataset.factor_names).save(os.path.join(out, "mi.png"))
-        paths = draw_grids(model, source, dataset, args, out, normalized_mi)
-        print("wrote " + ", ".join(paths.values()) +
-              (f", {out}/metrics.json, {out}/mi.png" if args.mig else ""))
-        return 0
-    except (train.UserError, data.DataError) as error:
-        if args.debug:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    return train.report_errors(lambda: make_pictures(args), args.debug)
+
+
+def make_pictures(args):
+    state = train.load_checkpoint(args.checkpoint)
+    config = state["config"]
+    device = train.resolve_device(args.device)
+    model = train.model_from_checkpoint(state, args.checkpoint).to(device).eval()
+    source_name = args.data or config["data"]
+    dataset = data.load(source_name, limit=config.get("data_limit"), seed=config.get("seed", 0))
+    channels, size = train.check_dataset(dataset, config["arch"], source_name)
+    if (channels, size) != (config["channels"], config["size"]):
+        raise train.UserError(f"{source_name}: images are {size}x{size}x{channels}, the model "
+                              f"was trained on {config['size']}x{config['size']}x{config['channels']}")
+    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+    os.makedirs(out, exist_ok=True)
+    source = train.ImageSource(dataset.images, device)
+    normalized_mi = None
+    if args.mig:
+        if dataset.factors is None:
+            raise train.UserError(f"{dataset.name}: has no ground-truth factors, so no MIG")
+        results, report = measure_mig(model, source, dataset, args.seed)
+        normalized_mi = normalized(results["gaussian"])
+        with open(os.path.join(out, "metrics.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        heatmap(normalized_mi, [f"z{j}" for j in range(model.latents)],
+                dataset.factor_names).save(os.path.join(out, "mi.png"))
+    paths = draw_grids(model, source, dataset, args, out, normalized_mi)
+    print("wrote " + ", ".join(paths.values()) +
+          (f", {out}/metrics.json, {out}/mi.png" if args.mig else ""))
+    return 0
 
 
 if __name__ == "__main__":
