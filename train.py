@@ -77,7 +77,7 @@ def make_parser(suppress_defaults=False):
     g.add_argument("--latents", type=int, default=d(10), help="number of latent dimensions")
     g = p.add_argument_group("optimisation")
     g.add_argument("--batch-size", type=int, default=d(64), help="images per step")
-    g.add_argument("--lr", type=float, default=d(5e-4), help="Adam learning rate")
+    g.add_argument("--lr", type=float, default=d(1e-3), help="Adam learning rate")
     g.add_argument("--steps", type=int, default=d(5000), help="total optimizer steps")
     g.add_argument("--epochs", type=float, default=d(None), help="train for this many passes "
                    "over the data instead of --steps")
