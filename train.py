@@ -40,12 +40,21 @@ class UserError(Exception):
 
 # ----------------------------------------------------------------------------- arguments
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a default only where there is one worth showing (not None, not a flag's False)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def make_parser(suppress_defaults=False):
     p = argparse.ArgumentParser(
         description="Train an autoencoder for disentangled representations and save a checkpoint.",
         epilog="Example: python train.py --model betatc --beta 6 --data dsprites.npz --steps 30000",
         argument_default=argparse.SUPPRESS if suppress_defaults else None,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     d = (lambda value: argparse.SUPPRESS) if suppress_defaults else (lambda value: value)
     g = p.add_argument_group("objective")
     g.add_argument("--model", choices=losses.OBJECTIVES, default=d("betatc"),
@@ -82,13 +91,14 @@ def make_parser(suppress_defaults=False):
     g.add_argument("--epochs", type=float, default=d(None), help="train for this many passes "
                    "over the data instead of --steps")
     g.add_argument("--seed", type=int, default=d(0), help="seed for weights, batches and noise")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d("auto"))
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=d("auto"),
+                   help="auto: cuda when available, else cpu")
     g.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default=d("auto"),
                    help="auto: mixed precision on CUDA (bf16, or fp16 with a GradScaler), fp32 on "
                         "the CPU; losses are always computed in fp32")
     g.add_argument("--amp", dest="amp", action="store_true", default=d(None),
                    help="mixed precision (bf16 on CPU; bf16/fp16 on CUDA)")
-    g.add_argument("--no-amp", dest="amp", action="store_false", help="plain fp32")
+    g.add_argument("--no-amp", dest="amp", action="store_false", default=d(None), help="plain fp32")
     g.add_argument("--compile", action="store_true", default=d(False), help="torch.compile the model")
     g.add_argument("--skip-nonfinite", action="store_true", default=d(False),
                    help="skip batches whose loss or gradient is not finite (counted) instead of "
@@ -107,9 +117,9 @@ def make_parser(suppress_defaults=False):
                         "--eval-subset labelled images (0: only at the end)")
     g.add_argument("--eval-subset", type=int, default=d(10_000),
                    help="images used by the periodic MIG")
-    g.add_argument("--final-eval", type=int, default=d(100_000),
-                   help="images used by the final MIG (a fixed random subset when the data is "
-                        "larger; 0: the whole dataset)")
+    g.add_argument("--final-eval", type=int, default=d(0),
+                   help="images used by the final MIG: 0 for the whole dataset, or a fixed random "
+                        "subset of N (resuming a finished run only redoes this evaluation)")
     g.add_argument("--debug", action="store_true", default=d(False), help="show tracebacks")
     return p
 
@@ -437,6 +447,7 @@ def train(parser, args):
         random.setstate(resumed["rng"]["python"])
         step, history = resumed["step"], resumed["history"]
         evaluations, skipped = resumed["evaluations"], resumed.get("skipped", 0)
+    start_step = step
     step_model = torch.compile(model) if args.compile else model
     source = ImageSource(dataset.images, device)
     hyper = dict(beta=args.beta, alpha=args.alpha, gamma=args.gamma, dataset_size=len(dataset),
@@ -456,6 +467,9 @@ def train(parser, args):
     print(f"training {args.model} ({args.arch}, {args.latents} latents) on {dataset.name}: "
           f"{len(dataset):,} images {size}x{size}x{channels}, {args.steps:,} steps of "
           f"{args.batch_size}, {device.type} {args.precision}, recon {recon}", file=sys.stderr)
+    if step >= args.steps:
+        print(f"the checkpoint is already at step {step:,} of {args.steps:,}: measuring only",
+              file=sys.stderr)
     stop, progress = StopRequest(), Progress(args.steps, step, args.batch_size, args.log_every)
     window = {}
     while step < args.steps and stop.signal is None:
@@ -509,6 +523,8 @@ def train(parser, args):
         return 128 + stop.signal
     checkpoint()  # the weights are safe before the (possibly long) final evaluation
     final = {"step": step, "img_per_s": progress.rate(step), "skipped": skipped}
+    if step == start_step and resumed and "final" in resumed:  # nothing trained: keep the speed
+        final["img_per_s"] = resumed["final"]["img_per_s"]
     summary = f"done: {step} steps, {final['img_per_s']:,.0f} img/s"
     if dataset.factors is not None:
         result = evaluate_mig(model, source, dataset, args.final_eval, args.seed)

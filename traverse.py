@@ -25,7 +25,7 @@ COLLAPSED_KL = 0.01  # mean KL (nats) under which a latent carries no informatio
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Draw PNG grids (and optionally measure MIG) from a "
                                 "checkpoint written by train.py.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=train.HelpFormatter)
     p.add_argument("checkpoint", help="checkpoint written by train.py")
     p.add_argument("--out", help="folder for the PNGs (default: beside the checkpoint)")
     p.add_argument("--data", help="dataset to encode (default: the one in the checkpoint's config)")
@@ -37,8 +37,9 @@ def parse_args(argv=None):
     p.add_argument("--mig", action="store_true",
                    help="encode the whole dataset and report discrete and Gaussian MIG "
                         "(metrics.json, mi.png)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda when available, else cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prior samples and image subsets")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
     if args.range <= 0 or args.steps < 2 or args.stats_subset < 1:
