@@ -1097,13 +1097,14 @@ def test_resume_equals_uninterrupted_bit_for_bit(tmp_path):
 
 
 def test_resuming_a_finished_run_only_remeasures_the_mig(tmp_path):
-    assert run_train(tmp_path, "--final-eval", "50")[0] == 0
+    assert run_train(tmp_path, "--final-eval", "50", "--precision", "bf16")[0] == 0
     before = load(tmp_path / "ckpt.pt")
     assert before["final"]["samples"] == 50
     assert train.main(["--resume", "--out", str(tmp_path / "ckpt.pt")]) == 0  # --final-eval 0 by default
     after = load(tmp_path / "ckpt.pt")
     assert after["step"] == 6 and after["final"]["samples"] == len(data.load(TINY))
     assert after["final"]["img_per_s"] == before["final"]["img_per_s"]
+    assert after["config"]["precision"] == before["config"]["precision"] == "bf16"
     for key, tensor in before["model"].items():
         assert torch.equal(tensor, after["model"][key]), key
 

@@ -358,6 +358,8 @@ def merge_resumed_config(parser, args, config):
             setattr(args, name, config[name])
     if "steps" not in args.explicit and "epochs" not in args.explicit:
         args.steps = config["steps"]
+    if "precision" not in args.explicit and "amp" not in args.explicit:
+        args.precision = config.get("precision", args.precision)  # continue as it was trained
 
 
 # ----------------------------------------------------------------------------- training
@@ -423,6 +425,7 @@ def train(parser, args):
     if args.epochs is not None:
         args.steps = max(1, round(args.epochs * len(dataset) / args.batch_size))
     autocast_dtype, needs_scaler = resolve_precision(args.precision, device)
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[autocast_dtype]
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
@@ -436,7 +439,7 @@ def train(parser, args):
     config = {name: getattr(args, name) for name in RUN_DEFINING + ("data", "steps")}
     config.update(recon=recon, channels=channels, size=size, dataset_size=len(dataset),
                   dataset_name=dataset.name, factor_names=dataset.factor_names,
-                  factor_sizes=dataset.factor_sizes, precision=args.precision)
+                  factor_sizes=dataset.factor_sizes, precision=precision)
     step, history, evaluations, skipped, skipped_in_a_row = 0, [], [], 0, 0
     if resumed:
         model.load_state_dict(resumed["model"])
@@ -466,7 +469,7 @@ def train(parser, args):
 
     print(f"training {args.model} ({args.arch}, {args.latents} latents) on {dataset.name}: "
           f"{len(dataset):,} images {size}x{size}x{channels}, {args.steps:,} steps of "
-          f"{args.batch_size}, {device.type} {args.precision}, recon {recon}", file=sys.stderr)
+          f"{args.batch_size}, {device.type} {precision}, recon {recon}", file=sys.stderr)
     if step >= args.steps:
         print(f"the checkpoint is already at step {step:,} of {args.steps:,}: measuring only",
               file=sys.stderr)
