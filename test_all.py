@@ -1109,6 +1109,14 @@ def test_resuming_a_finished_run_only_remeasures_the_mig(tmp_path):
         assert torch.equal(tensor, after["model"][key]), key
 
 
+def test_traversal_labels_name_the_best_factor_and_mark_collapsed_latents():
+    mean_kl = np.array([4.1, 0.004, 0.5])
+    mi = np.array([[0.1, 0.82], [0.0, 0.001], [0.3, 0.2]])
+    labels = traverse.latent_labels([0, 2, 1], mean_kl, mi, ["shape", "posX"])
+    assert labels == ["z0  posX 0.82  KL 4.10", "z2  shape 0.30  KL 0.50", "z1  no factor  KL 0.00  collapsed"]
+    assert traverse.latent_labels([1], mean_kl, None, None) == ["z1  KL 0.00  collapsed"]
+
+
 def test_existing_checkpoint_is_not_overwritten(tmp_path, capsys):
     assert run_train(tmp_path)[0] == 0
     before = (tmp_path / "ckpt.pt").read_bytes()

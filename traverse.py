@@ -79,10 +79,13 @@ def heatmap(matrix, row_names, column_names, cell=56):
     """A table of values in [0, 1] with its numbers written in the cells (white = 0, blue = 1)."""
     rows, columns = matrix.shape
     left, top = 48, 28
+    font = ImageFont.load_default()
+    cell = max([cell] + [int(ImageDraw.Draw(Image.new("1", (1, 1))).textlength(name, font=font)) + 10
+                         for name in column_names])
     image = Image.new("RGB", (left + columns * cell + 4, top + rows * 22 + 4), "white")
-    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    draw = ImageDraw.Draw(image)
     for k, name in enumerate(column_names):
-        draw.text((left + k * cell + 4, 8), name[:9], fill="black", font=font)
+        draw.text((left + k * cell + 4, 8), name, fill="black", font=font)
     for j in range(rows):
         draw.text((6, top + j * 22 + 5), row_names[j], fill="black", font=font)
         for k in range(columns):
@@ -108,7 +111,10 @@ def latent_labels(order, mean_kl, normalized_mi, factor_names):
         label = f"z{j}"
         if normalized_mi is not None:
             best = int(np.argmax(normalized_mi[j]))
-            label += f"  {factor_names[best]} {normalized_mi[j, best]:.2f}"
+            if normalized_mi[j, best] >= 0.005:  # below that it holds no factor worth naming
+                label += f"  {factor_names[best]} {normalized_mi[j, best]:.2f}"
+            else:
+                label += "  no factor"
         label += f"  KL {mean_kl[j]:.2f}"
         labels.append(label + ("  collapsed" if mean_kl[j] < COLLAPSED_KL else ""))
     return labels
@@ -155,9 +161,11 @@ def measure_mig(model, source, dataset, seed):
                "gaussian": metrics.gaussian_mig(mu, logvar, dataset.factors, seed=seed)}
     names = dataset.factor_names
     print(f"MIG on all {len(dataset):,} images of {dataset.name}")
-    print(f"{'estimator':<10}{'MIG':>7}" + "".join(f"{n[:10]:>11}" for n in names))
+    widths = [max(len(name), 6) + 2 for name in names]
+    print(f"{'estimator':<10}{'MIG':>7}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths)))
     for estimator, result in results.items():
-        print(f"{estimator:<10}{result['mig']:>7.3f}" + "".join(f"{g:>11.3f}" for g in result["gaps"]))
+        print(f"{estimator:<10}{result['mig']:>7.3f}"
+              + "".join(f"{g:>{w}.3f}" for g, w in zip(result["gaps"], widths)))
     report = {"images": len(dataset), "dataset": dataset.name, "factor_names": names,
               **{name: train.plain(result) for name, result in results.items()}}
     return results, report
