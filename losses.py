@@ -1,28 +1,71 @@
-"""The four autoencoder objectives and their terms. Needs torch only.
+"""The seven autoencoder objectives and their terms. Needs torch only.
 
     loss, terms = objective("betatc", x, logits, mu, logvar, z, beta=6, dataset_size=len(data))
 
-Every term is returned per sample, shape (B,) or (B, D); `objective` averages over the batch.
-  ae       recon                                   (plain autoencoder)
-  vae      recon + KL                              (Kingma & Welling 2014)
-  betavae  recon + beta KL                         (Higgins et al. 2017)
-           recon + gamma |KL - C(step)|            (Burgess et al. 2018, with `capacity`)
-  betatc   recon + alpha MI + beta TC + gamma DWKL (Chen et al. 2018)
-All losses are computed in float32, also when the model runs under autocast.
-With the minibatch-weighted estimator (mws, Chen et al.'s w = 1/(B N)) the logged mi, tc and dwkl
-carry constant offsets (tc: +(D-1) log N); they do not change the gradients. mss weights sum to 1.
+Every term is returned per sample, shape (B,) or (B, D), except two batch statistics, the DIP-VAE
+penalty and the discriminator's loss; `objective` averages over the batch and adds those once.
+  ae         recon                                    (plain autoencoder)
+  vae        recon + KL                               (Kingma & Welling 2014)
+  betavae    recon + beta KL                          (Higgins et al. 2017)
+             recon + gamma |KL - C(step)|             (Burgess et al. 2018, with `capacity`)
+  betatc     recon + alpha MI + beta TC + gamma DWKL  (Chen et al. 2018)
+  factorvae  recon + KL + gamma TC, TC from a discriminator on z  (Kim & Mnih 2018)
+  dipvae1    recon + KL + lambda_od sum_{i!=j} C_ij^2 + lambda_d sum_i (C_ii - 1)^2,
+             C = Cov[mu(x)] on the batch                          (Kumar et al. 2018)
+  dipvae2    the same with C = Cov[mu(x)] + E[diag exp(logvar(x))], the covariance of z under q(z)
+All losses are computed in float32, also when the model runs under autocast. Every log-density is
+finite for any finite logvar, forward and backward (see `log_normal`).
+
+FactorVAE trains a second network, the discriminator (models.build_discriminator), with its own
+Adam (DISCRIMINATOR_LR, DISCRIMINATOR_BETAS); one training step, as in Kim & Mnih's Algorithm 1:
+
+    logits, mu, logvar, z = model(x)
+    loss, terms = objective("factorvae", x, logits, mu, logvar, z, tc_logits=discriminator(z))
+    optimizer.zero_grad(); loss.backward(); optimizer.step()         # the VAE's parameters only
+    z_joint = z.detach()                                              # no gradient into the encoder
+    d_loss = discriminator_loss(discriminator(z_joint), discriminator(permute_dims(z_joint)))
+    d_optimizer.zero_grad(); d_loss.backward(); d_optimizer.step()   # clears what loss left there
+
+The VAE step must come first: the discriminator's update changes the weights that tc_logits' graph
+holds. Kim & Mnih permute the codes of a second, independent batch; disentanglement_lib (the code
+behind Locatello et al.'s study) permutes the same batch's z, as above, which costs no second
+encoder pass and no second draw from the data. Both estimate the same TC; we recommend the latter.
+
+Where we deliberately differ from published code: the minibatch-stratified (mss) weights put the
+sample's own posterior q(z_i|x_i) on the diagonal w_ii = 1/N and the next sample's on
+w_i,i+1 = (N - M)/(N M), as Chen et al.'s paper defines them; their reference code (vae_quant.py)
+writes 1/N into column 0 and (N - M)/(N M) into column 1 of every row instead, which gives sample
+0's posterior the weight 1/N in every row, not the sample's own. Do not "fix" it back.
 """
 import math
 
 import torch
 import torch.nn.functional as F
 
-OBJECTIVES = ("ae", "vae", "betavae", "betatc")
+OBJECTIVES = ("ae", "vae", "betavae", "betatc", "factorvae", "dipvae1", "dipvae2")
 LOG_2PI = math.log(2 * math.pi)
+
+# Kim & Mnih 2018 (Appendix A): the discriminator's Adam; their VAE used lr 1e-4, betas (0.9, 0.999).
+DISCRIMINATOR_LR = 1e-4
+DISCRIMINATOR_BETAS = (0.5, 0.9)
+# gamma 35: Kim & Mnih's 2D Shapes (dSprites) figures; they and Locatello et al. (2019) sweep
+# gamma in {10, 20, 30, 40, 50, 100}, and 3D Shapes was shown at other values.
+FACTORVAE_GAMMA = 35.0
+# lambda_od 10, inside Locatello et al.'s grid {1, 2, 5, 10, 20, 50} for both DIP-VAEs, with Kumar et
+# al.'s ratios: lambda_d = 10 lambda_od for DIP-VAE-I (so 100), lambda_d = lambda_od for DIP-VAE-II.
+DIP_LAMBDA_OD = 10.0
+DIP_DIAGONAL_RATIO = {"dipvae1": 10.0, "dipvae2": 1.0}
+# Below this log-variance sigma^(1/2) < e^-87.5: every nonzero float32 difference, scaled by
+# 1/sigma, overflows anyway, and zero stays zero, so clamping here changes no result (log_normal).
+LOGVAR_FLOOR = -350.0
 
 
 def recon_loss(logits, x, kind="bce"):
-    """Reconstruction loss summed over pixels, (B,). bce: Bernoulli with logits; mse: sigmoid(logits)."""
+    """Reconstruction loss in nats, summed over pixels: (B, C, H, W) logits and x -> (B,) float32.
+
+    bce: Bernoulli likelihood with logits; mse: squared error of sigmoid(logits) against x in
+    [0, 1]. Raises ValueError for another kind.
+    """
     logits, x = logits.float(), x.float()
     if kind == "bce":
         per_pixel = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
@@ -34,17 +77,40 @@ def recon_loss(logits, x, kind="bce"):
 
 
 def kl_normal(mu, logvar):
-    """KL(N(mu, exp(logvar)) || N(0, 1)) per dimension, (B, D)."""
+    """KL(N(mu, exp(logvar)) || N(0, 1)) in nats per dimension: (B, D) -> (B, D) float32."""
     mu, logvar = mu.float(), logvar.float()
     return 0.5 * (mu * mu + logvar.exp() - 1 - logvar)
 
 
+def _inverse_root_std(logvar):
+    """sigma^(-1/2) = exp(-logvar / 4), finite for any finite logvar (clamped at LOGVAR_FLOOR).
+
+    (x - mu) * s * s is (x - mu) / sigma without an intermediate overflow: both factors stay
+    below e^87.5, so 0 * s * s is 0, where (x - mu)^2 * exp(-logvar) is 0 * inf = NaN once
+    logvar < -88.7 in float32.
+    """
+    return torch.exp(-0.25 * logvar.clamp(min=LOGVAR_FLOOR))
+
+
 def log_normal(x, mu, logvar):
-    return -0.5 * (LOG_2PI + logvar + (x - mu) ** 2 * torch.exp(-logvar))
+    """log N(x; mu, exp(logvar)) in nats, elementwise with broadcasting, in the inputs' dtype.
+
+    Finite, forward and backward, for any finite logvar wherever the float64 value lies in the
+    dtype's range (x == mu at logvar -200 gives -0.5 (log 2 pi - 200), not NaN).
+    """
+    root = _inverse_root_std(logvar)
+    scaled = (x - mu) * root * root  # (x - mu) / sigma
+    return -0.5 * (LOG_2PI + logvar + scaled * scaled)
 
 
 def log_importance_weights(batch_size, dataset_size, estimator):
-    """log w (B, B): how sample j of the batch stands in for the dataset when estimating q(z_i)."""
+    """log w (B, B) float32: how sample j of the batch stands in for the dataset when estimating q(z_i).
+
+    mws: Chen et al.'s minibatch-weighted sampling, w_ij = 1/(B N) (rows sum to 1/N). mss: their
+    minibatch-stratified sampling, rows sum to 1: w_ii = 1/N (the sample's own posterior),
+    w_i,i+1 = (N - M)/(N M), the others 1/M, with M = B - 1 (see the module docstring on where
+    this differs from their code). Raises ValueError for another estimator or, for mss, B < 2.
+    """
     if estimator == "mws":
         return torch.full((batch_size, batch_size), -math.log(batch_size * dataset_size))
     if estimator != "mss":
@@ -65,15 +131,18 @@ class _BatchLogDensities(torch.autograd.Function):
     One D x B x B buffer holds exp(L - shift) for the dimension-wise marginals; the joint needs
     only a B x B sum. Each shift is a per-dimension bound on L (the Gaussian's peak), so exp
     cannot overflow and no row maximum is needed; a row that underflows is redone exactly.
-    Backward reads the buffer and recomputes z_i - mu_j one B x B dimension at a time.
+    (z_i - mu_j) / sigma_j is formed as (z_i - mu_j) * r_j * r_j with r = _inverse_root_std, so no
+    product is ever 0 * inf, in the forward or the backward. Backward reads the buffer and
+    recomputes z_i - mu_j one B x B dimension at a time.
     """
 
     @staticmethod
     def forward(ctx, z, mu, logvar, log_w):
-        inv_var, peak = torch.exp(-logvar), -0.5 * (LOG_2PI + logvar)  # (B, D), indexed by j
+        root, peak = _inverse_root_std(logvar), -0.5 * (LOG_2PI + logvar)  # (B, D), indexed by j
         shift = peak.max(0).values                                         # (D,): L[:, :, d] <= shift[d]
         buffer = z.t()[:, :, None] - mu.t()[:, None, :]                    # (D, B_i, B_j): z_i - mu_j
-        buffer.square_().mul_(-0.5 * inv_var.t()[:, None, :]).add_((peak - shift).t()[:, None, :])
+        buffer.mul_(root.t()[:, None, :]).mul_(root.t()[:, None, :])      # (z_i - mu_j) / sigma_j
+        buffer.square_().mul_(-0.5).add_((peak - shift).t()[:, None, :])   # L[i,j,d] - shift[d]
         joint = buffer.sum(0).add_(log_w + shift.sum())                    # log w_ij + sum_d L[i,j,d]
         log_qz = torch.logsumexp(joint, dim=1)
         if log_w.dim():
@@ -88,22 +157,23 @@ class _BatchLogDensities(torch.autograd.Function):
             log_offset[d] += row_max[:, 0]
         log_marginals = row_sums.log() + log_offset + (0 if log_w.dim() else log_w)
         joint_weight = torch.exp(joint - log_qz[:, None])                 # softmax over j
-        ctx.save_for_backward(z, mu, inv_var, buffer, row_sums, joint_weight)
+        ctx.save_for_backward(z, mu, root, buffer, row_sums, joint_weight)
         return log_qz, log_marginals.sum(0)
 
     @staticmethod
     def backward(ctx, grad_qz, grad_prod):
-        z, mu, inv_var, buffer, row_sums, joint_weight = ctx.saved_tensors
+        z, mu, root, buffer, row_sums, joint_weight = ctx.saved_tensors
         joint_weight = joint_weight * grad_qz[:, None]
         row_scale = grad_prod[None, :] / row_sums
         grads = [torch.empty_like(z), torch.empty_like(mu), torch.empty_like(mu)]
         for d in range(z.shape[1]):
             weight = torch.addcmul(joint_weight, buffer[d], row_scale[d, :, None])  # dOut / dL[i,j,d]
-            diff = z[:, d, None] - mu[None, :, d]
-            weighted_diff = weight * diff
-            grads[0][:, d] = -(weighted_diff * inv_var[None, :, d]).sum(1)
-            grads[1][:, d] = weighted_diff.sum(0) * inv_var[:, d]
-            grads[2][:, d] = 0.5 * ((weighted_diff.mul_(diff)).sum(0) * inv_var[:, d] - weight.sum(0))
+            diff, r = z[:, d, None] - mu[None, :, d], root[None, :, d]
+            weighted = (weight * diff).mul_(r).mul_(r)            # W_ij (z_i - mu_j) / sigma_j
+            grads[0][:, d] = -(weighted * r).mul_(r).sum(1)       # sum_j W_ij dL/dz_i, -(z_i - mu_j) / var_j
+            grads[1][:, d] = weighted.sum(0) * r[0] * r[0]
+            squares = weighted.mul_(diff).mul_(r).mul_(r).sum(0)  # sum_i W_ij (z_i - mu_j)^2 / var_j
+            grads[2][:, d] = 0.5 * (squares - weight.sum(0))
         return grads[0], grads[1], grads[2], None
 
 
@@ -113,17 +183,23 @@ def _log_density_slice(z, mu, logvar, d):
 
 
 def tc_terms(z, mu, logvar, dataset_size, estimator="mws"):
-    """Index-code MI, total correlation and dimension-wise KL per sample, each (B,) (Chen et al.).
+    """Index-code MI, total correlation and dimension-wise KL in nats per sample (Chen et al. 2018).
 
+    z, mu, logvar: (B, D); returns (mi, tc, dwkl), each (B,), float32 (float64 for float64 inputs).
     log q(z_i) = logsumexp_j (log w_ij + sum_d L[i,j,d]) and log prod_d q(z_i,d) =
     sum_d logsumexp_j (log w_ij + L[i,j,d]), with w the minibatch-weighted (mws) or
-    minibatch-stratified (mss) sampling weights of `log_importance_weights`.
+    minibatch-stratified (mss) sampling weights of `log_importance_weights`. This is Chen et
+    al.'s estimator as published: with mws the three terms carry constant offsets, +log N,
+    +(D-1) log N and -D log N (what a collapsed model, q(z|x) = p(z), gets); they do not change
+    gradients, and `objective` logs the terms without them (`estimator_offsets`). Raises
+    ValueError if dataset_size < B or for an unknown estimator.
     """
-    z, mu, logvar = z.float(), mu.float(), logvar.float()
-    log_w = log_importance_weights(z.shape[0], dataset_size, estimator).to(z.device)
-    log_w = log_w[0, 0] if estimator == "mws" else log_w  # a constant: added once, not B x B times
+    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    z, mu, logvar = z.to(dtype), mu.to(dtype), logvar.to(dtype)
     if dataset_size < z.shape[0]:
         raise ValueError(f"dataset_size {dataset_size} is smaller than the batch {z.shape[0]}")
+    log_w = log_importance_weights(z.shape[0], dataset_size, estimator).to(z.device, dtype)
+    log_w = log_w[0, 0] if estimator == "mws" else log_w  # a constant: added once, not B x B times
     with torch.autocast(z.device.type, enabled=False):
         log_qz, log_prod_qzd = _BatchLogDensities.apply(z, mu, logvar, log_w)
         log_qz_given_x = log_normal(z, mu, logvar).sum(1)
@@ -131,16 +207,123 @@ def tc_terms(z, mu, logvar, dataset_size, estimator="mws"):
     return log_qz_given_x - log_qz, log_qz - log_prod_qzd, log_prod_qzd - log_pz
 
 
+def estimator_offsets(estimator, dataset_size, latents):
+    """The constants in `tc_terms`' (mi, tc, dwkl): (log N, (D-1) log N, -D log N) for mws, zeros for mss.
+
+    Chen et al.'s mws weight 1/(B N) makes log q(z) too low by log N and log prod_d q(z_d) by
+    D log N, so a collapsed model (q(z|x) = p(z) for every x) gets mi = log N, tc = (D-1) log N,
+    dwkl = -D log N where every term is 0; the mss weights sum to 1 per row and carry none. The
+    three offsets sum to 0, so mi + tc + dwkl (an estimate of the KL) is unchanged.
+    """
+    if estimator == "mss":
+        return 0.0, 0.0, 0.0
+    log_n = math.log(dataset_size)
+    return log_n, (latents - 1) * log_n, -latents * log_n
+
+
+def permute_dims(z, generator=None):
+    """Each column of z (B, D) permuted independently across the batch: (B, D), same dtype.
+
+    Samples of prod_j q(z_j) from samples of q(z) (Kim & Mnih 2018, Algorithm 1): every column
+    keeps its values, the rows' joint is broken. Gradients flow through (a gather); detach z for
+    the discriminator's update. `generator` (a torch.Generator on any device) makes it
+    reproducible; without it torch's global generator on z's device is used.
+    """
+    device = generator.device if generator is not None else z.device
+    keys = torch.rand(z.shape, generator=generator, device=device)
+    return z.gather(0, keys.argsort(0).to(z.device))
+
+
+def discriminator_loss(logits_joint, logits_permuted):
+    """The FactorVAE discriminator's loss in nats, a 0-dim float32 tensor (Kim & Mnih 2018).
+
+    logits_joint (B, 2): the discriminator on samples of q(z), class 0; logits_permuted (B', 2):
+    on permute_dims' samples of prod_j q(z_j), class 1. Returns
+    0.5 * (CE(logits_joint, 0) + CE(logits_permuted, 1)), each cross-entropy a batch mean: the
+    negative of Kim & Mnih's (1/2B) sum [log D(z) + log(1 - D(z_perm))]. Raises ValueError for a
+    shape other than (B, 2).
+    """
+    joint = _two_logits(logits_joint, "logits_joint")
+    permuted = _two_logits(logits_permuted, "logits_permuted")
+    with torch.autocast(joint.device.type, enabled=False):
+        joint_loss = F.cross_entropy(joint, joint.new_zeros(len(joint), dtype=torch.long))
+        permuted_loss = F.cross_entropy(permuted, permuted.new_ones(len(permuted), dtype=torch.long))
+    return 0.5 * (joint_loss + permuted_loss)
+
+
+def discriminator_accuracy(logits_joint, logits_permuted):
+    """The fraction of samples the discriminator classifies right, a 0-dim float32 tensor in [0, 1].
+
+    Same inputs as `discriminator_loss`; a tie counts as wrong. 0.5 means it cannot tell q(z)
+    from prod_j q(z_j) (no total correlation left that it can see); near 1 means it can.
+    """
+    joint = _two_logits(logits_joint, "logits_joint")
+    permuted = _two_logits(logits_permuted, "logits_permuted")
+    right = (joint[:, 0] > joint[:, 1]).sum() + (permuted[:, 1] > permuted[:, 0]).sum()
+    return right.float() / (len(joint) + len(permuted))
+
+
+def _two_logits(logits, name):
+    if logits.dim() != 2 or logits.shape[1] != 2:
+        raise ValueError(f"{name} must have shape (B, 2), got {tuple(logits.shape)}")
+    return logits.float()
+
+
+def dip_terms(mu, logvar=None):
+    """Kumar et al.'s (2018) DIP penalty, unweighted: (off_diagonal, diagonal), 0-dim float32 tensors.
+
+    mu, logvar: (B, D). C (D, D) is the covariance on the batch of the posterior means, Cov[mu]
+    (DIP-VAE-I), or with logvar that plus E[diag exp(logvar)] (DIP-VAE-II): the covariance of z
+    under the batch's aggregate posterior (1/B) sum_b N(mu_b, diag exp(logvar_b)). Cov[mu] uses
+    the 1/B (mean-centred, biased) estimator, as disentanglement_lib does: with it C is exactly that
+    mixture's covariance (the law of total covariance); 1/(B-1) would scale Cov[mu] by B/(B-1). Returns sum_{i!=j} C_ij^2 and sum_i (C_ii - 1)^2. Raises ValueError for B < 2.
+    """
+    if mu.shape[0] < 2:
+        raise ValueError("the DIP-VAE penalty needs a batch of at least 2 to estimate a covariance")
+    mu = mu.float()
+    with torch.autocast(mu.device.type, enabled=False):  # keep the matrix product in float32
+        centred = mu - mu.mean(0)
+        covariance = centred.t() @ centred / mu.shape[0]
+        if logvar is not None:
+            covariance = covariance + torch.diag(logvar.float().exp().mean(0))
+        diagonal = torch.diagonal(covariance)
+        off_diagonal = (covariance - torch.diag(diagonal)).square().sum()  # no cancellation
+        return off_diagonal, (diagonal - 1).square().sum()
+
+
 def capacity_at(step, capacity, capacity_steps):
-    """Burgess et al.'s target KL: rises linearly from 0 to `capacity` over `capacity_steps`."""
+    """Burgess et al.'s target KL in nats: rises linearly from 0 to `capacity` over `capacity_steps`."""
     return capacity * min(1.0, step / capacity_steps) if capacity_steps > 0 else capacity
 
 
 def objective(name, x, logits, mu, logvar, z, beta=6.0, alpha=1.0, gamma=None, dataset_size=None,
-              recon="bce", estimator="mws", capacity=None, capacity_steps=100_000, step=0):
-    """The loss to minimise (batch mean) and a dict of batch-mean floats for logging.
+              recon="bce", estimator="mws", capacity=None, capacity_steps=100_000, step=0,
+              lambda_od=None, lambda_d=None, tc_logits=None):
+    """The loss to minimise (a 0-dim float32 tensor, the batch mean) and a dict of batch-mean floats.
 
-    gamma defaults to 1 (betatc's dimension-wise KL weight) or 1000 (betavae with a capacity).
+    x, logits (B, C, H, W); mu, logvar, z (B', D); `name` one of OBJECTIVES (see the module
+    docstring for each formula). The reconstruction is averaged over its B rows and the code terms
+    over their B' rows, separately: with one process B' = B; under data-parallel training each
+    process passes its own images and the codes of the whole batch, gathered from every process
+    (with gradients), so the terms that compare samples (betatc, factorvae, the DIP-VAEs) see the
+    whole batch and the averaged gradients equal one process's. Hyperparameters:
+      beta, alpha        betavae's KL weight; betatc's TC and MI weights
+      gamma              betatc's dimension-wise KL weight (default 1), betavae-with-capacity's
+                         |KL - C| weight (default 1000), factorvae's TC weight (FACTORVAE_GAMMA)
+      dataset_size       N, for betatc's estimator (`estimator`, mws or mss)
+      capacity, capacity_steps, step    Burgess et al.'s schedule (`capacity_at`)
+      lambda_od, lambda_d               the DIP-VAEs' weights (DIP_LAMBDA_OD; lambda_d from
+                                        DIP_DIAGONAL_RATIO times lambda_od)
+      tc_logits          factorvae: the discriminator's (B, 2) logits on this z, not detached
+                         (column 0: "a sample of q(z)", 1: "of prod_j q(z_j)")
+    terms: recon and kl (nats per image, unweighted); betavae with capacity adds capacity;
+    betatc adds mi, tc, dwkl without the mws estimator's constant offsets (`estimator_offsets`:
+    near 0 for a collapsed model, comparable between mws and mss; the loss keeps Chen et al.'s
+    terms, the constants do not change its gradient); factorvae adds tc, the batch mean of
+    tc_logits[:, 0] - tc_logits[:, 1]; the DIP-VAEs add dip, the penalty before its weights,
+    sum_{i!=j} C_ij^2 + sum_i (C_ii - 1)^2 = ||C - I||_F^2 (a batch statistic, added once to the
+    batch-mean loss). One device sync in all. Raises ValueError for an unknown name or a missing
+    dataset_size (betatc) or tc_logits (factorvae).
     """
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
@@ -148,22 +331,47 @@ def objective(name, x, logits, mu, logvar, z, beta=6.0, alpha=1.0, gamma=None, d
     kl = kl_normal(mu, logvar).sum(1)
     terms = {"recon": recon_term.mean(), "kl": kl.mean()}
     if name == "ae":
-        loss = recon_term.mean()
+        penalty = torch.zeros((), device=kl.device)
     elif name == "vae":
-        loss = (recon_term + kl).mean()
+        penalty = kl.mean()
     elif name == "betavae" and capacity is None:
-        loss = (recon_term + beta * kl).mean()
+        penalty = beta * kl.mean()
     elif name == "betavae":
         gamma = 1000.0 if gamma is None else gamma
         target = capacity_at(step, capacity, capacity_steps)
-        loss = recon_term.mean() + gamma * (kl.mean() - target).abs()
+        penalty = gamma * (kl.mean() - target).abs()
         terms["capacity"] = torch.tensor(target, device=kl.device)
+    elif name == "betatc":
+        penalty = _betatc(mu, logvar, z, beta, alpha, gamma, dataset_size, estimator, terms)
+    elif name == "factorvae":
+        penalty = kl.mean() + _factorvae(kl, tc_logits, FACTORVAE_GAMMA if gamma is None else gamma, terms)
     else:
-        if dataset_size is None:
-            raise ValueError("betatc needs dataset_size, the number of images in the dataset")
-        gamma = 1.0 if gamma is None else gamma
-        mi, tc, dwkl = tc_terms(z, mu, logvar, dataset_size, estimator)
-        loss = (recon_term + alpha * mi + beta * tc + gamma * dwkl).mean()
-        terms.update(mi=mi.mean(), tc=tc.mean(), dwkl=dwkl.mean())
+        lambda_od = DIP_LAMBDA_OD if lambda_od is None else lambda_od
+        lambda_d = DIP_DIAGONAL_RATIO[name] * lambda_od if lambda_d is None else lambda_d
+        off_diagonal, diagonal = dip_terms(mu, logvar if name == "dipvae2" else None)
+        penalty = kl.mean() + lambda_od * off_diagonal + lambda_d * diagonal
+        terms["dip"] = off_diagonal + diagonal
+    loss = recon_term.mean() + penalty
     values = torch.stack([t.detach().float() for t in terms.values()]).tolist()  # one device sync
     return loss, dict(zip(terms, values))
+
+
+def _betatc(mu, logvar, z, beta, alpha, gamma, dataset_size, estimator, terms):
+    if dataset_size is None:
+        raise ValueError("betatc needs dataset_size, the number of images in the dataset")
+    gamma = 1.0 if gamma is None else gamma
+    mi, tc, dwkl = tc_terms(z.float(), mu.float(), logvar.float(), dataset_size, estimator)
+    offsets = estimator_offsets(estimator, dataset_size, z.shape[1])
+    terms.update(mi=mi.mean() - offsets[0], tc=tc.mean() - offsets[1], dwkl=dwkl.mean() - offsets[2])
+    return (alpha * mi + beta * tc + gamma * dwkl).mean()
+
+
+def _factorvae(kl, tc_logits, gamma, terms):
+    if tc_logits is None:
+        raise ValueError("factorvae needs tc_logits, the discriminator's (B, 2) logits on z")
+    tc_logits = _two_logits(tc_logits, "tc_logits")
+    if len(tc_logits) != len(kl):
+        raise ValueError(f"tc_logits has {len(tc_logits)} rows for a batch of {len(kl)}")
+    tc = tc_logits[:, 0] - tc_logits[:, 1]  # (B,): log D(z) / (1 - D(z)), the density-ratio trick
+    terms["tc"] = tc.mean()
+    return gamma * tc.mean()
