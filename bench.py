@@ -6,7 +6,6 @@
 Speeds are medians over interleaved rounds, measured in this one process; read them as ratios
 (absolute figures drift with the machine's load). Memory figures come from fresh subprocesses.
 """
-import argparse
 import os
 import statistics
 import subprocess
@@ -68,12 +67,7 @@ def train_loop_rate(arch, precision, batch_size, steps, folder, seed=0):
     argv = ["--data", BENCH_DATA, "--arch", arch, "--precision", precision, "--batch-size",
             str(batch_size), "--steps", str(steps), "--out", out, "--force", "--log-every",
             str(steps), "--save-every", str(10 * steps), "--final-eval", "2000", "--seed", str(seed)]
-    stdout, sys.stdout = sys.stdout, open(os.devnull, "w")
-    try:
-        assert train.main(argv) == 0
-    finally:
-        sys.stdout.close()
-        sys.stdout = stdout
+    quiet(argv)
     return torch.load(out, weights_only=True)["final"]["img_per_s"]
 
 
@@ -133,14 +127,77 @@ def bench_denormals(steps):
         f"img/s, fp32, after {steps} betatc steps")
 
 
-def bench_encoding(count):
+def bench_encoding(count, rounds):
+    """train.encode_dataset's speed by precision and batch size (bf16 at 256 is its default)."""
     images = data.load(BENCH_DATA).images[:count]
     model = make_model("conv")
     source = train.ImageSource(images, torch.device("cpu"))
+    rates = {}
+    settings = [("fp32", None, 1024), ("fp32", None, 256), ("bf16", torch.bfloat16, 1024),
+                ("bf16", torch.bfloat16, 256), ("bf16", torch.bfloat16, 128)]
+    for _ in range(rounds):  # interleaved rounds
+        for name, dtype, batch_size in settings:
+            start = time.perf_counter()
+            train.encode_dataset(model, source, batch_size=batch_size, dtype=dtype)
+            rates.setdefault((name, batch_size), []).append(count / (time.perf_counter() - start))
+    base = statistics.median(rates[("fp32", 1024)])
+    for (name, batch_size), values in rates.items():
+        rate = statistics.median(values)
+        row(f"encoding (conv) {name} b{batch_size}", f"{rate:,.0f} img/s = {rate / base:.2f}x",
+            f"against fp32 b1024; inference_mode, {count:,} images, median of {rounds}")
+
+
+def trained_model(checkpoint, steps, folder):
+    """The model of `checkpoint`, or one trained here for `steps` bf16 steps on sprites."""
+    if checkpoint is None:
+        checkpoint = os.path.join(folder, "bench-trained.pt")
+        quiet(["--data", "sprites", "--steps", str(steps), "--precision", "bf16", "--out", checkpoint,
+               "--force", "--final-eval", "1000", "--log-every", str(steps)])
+    state = train.load_checkpoint(checkpoint)
+    return train.model_from_checkpoint(state, checkpoint), state["config"]
+
+
+def bench_evaluation(checkpoint, steps, folder):
+    """train.py's final evaluation on the whole built-in sprites (encoding + metrics.evaluate), and
+    how much the MIGs of bf16-encoded means differ from those of fp32-encoded means."""
+    model, config = trained_model(checkpoint, steps, folder)
+    dataset = data.load(config["data"], limit=config["data_limit"], seed=config["seed"])
+    source, index = train.ImageSource(dataset.images, torch.device("cpu")), np.arange(len(dataset))
     start = time.perf_counter()
-    train.encode_dataset(model, source)
-    rate = count / (time.perf_counter() - start)
-    row("full-dataset encoding (conv)", f"{rate:,.0f} img/s", f"inference_mode, batches of 1024, {count:,} images")
+    mu, logvar = train.encode_dataset(model, source)
+    encoded = time.perf_counter()
+    result, _ = train.evaluate_codes(mu, logvar, dataset, index, seed=0)
+    done = time.perf_counter()
+    row(f"final evaluation of {len(dataset):,} images", f"{done - start:.1f} s",
+        f"encoding {encoded - start:.1f} s (bf16 b256) + every metric {done - encoded:.1f} s")
+    exact_mu, exact_logvar = train.encode_dataset(model, source, dtype=None)
+    for name, call in (("discrete", metrics.discrete_mig), ("gaussian", metrics.gaussian_mig)):
+        fast = call(mu, dataset.factors) if name == "discrete" else call(mu, logvar, dataset.factors)
+        exact = (call(exact_mu, dataset.factors) if name == "discrete"
+                 else call(exact_mu, exact_logvar, dataset.factors))
+        row(f"{name} MIG of bf16 codes - of fp32 codes", f"{fast['mig'] - exact['mig']:+.4f}",
+            f"MIG {exact['mig']:.3f} (fp32), {'given checkpoint' if checkpoint else f'{steps} training steps'}")
+
+
+def bench_end_to_end():
+    """`python train.py --steps 10` on the default data, as a user types it: the whole wall time."""
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"),
+                        "--steps", "10", "--out", os.path.join(folder, "ckpt.pt")], check=True,
+                       capture_output=True)
+        row("python train.py --steps 10, end to end", f"{time.perf_counter() - start:.1f} s",
+            "built-in sprites: load, 10 steps, encode all 737,280 images, every metric")
+
+
+def quiet(argv):
+    """train.main(argv) with its stdout silenced."""
+    stdout, sys.stdout = sys.stdout, open(os.devnull, "w")
+    try:
+        assert train.main(argv) == 0
+    finally:
+        sys.stdout.close()
+        sys.stdout = stdout
 
 
 # ----------------------------------------------------------------------------- metrics and data
@@ -267,15 +324,22 @@ def bench_hdf5(folder, n, rounds):
     row("HDF5 whole-file read, peak RSS", f"{rss:.2f} GiB", f"fresh process; array {n * 12288 / 2**30:.2f} GiB")
 
 
+GROUPS = ("training", "tc", "denormals", "encoding", "evaluation", "end-to-end", "metrics", "data")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Measure training throughput (train.py against the bare "
-                                "model step), the TC estimator's cost, encoding, MIG and data loading.")
+    p = train.ArgumentParser(prog="bench.py", description="Measure training throughput (train.py against the bare "
+                             "model step), the TC estimator's cost, encoding, the final evaluation, "
+                             "MIG and data loading; prints one table.", formatter_class=train.HelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer steps and rounds (under a minute)")
-    p.add_argument("--only", nargs="*", choices=("training", "tc", "denormals", "encoding", "metrics", "data"),
-                   help="run only these groups of rows")
+    p.add_argument("--only", nargs="*", choices=GROUPS, help="run only these groups of rows")
+    p.add_argument("--checkpoint", help="evaluation: time this trained model (default: train one "
+                   "for --eval-steps steps first)")
+    p.add_argument("--eval-steps", type=int, default=2000, help="evaluation: steps of the model trained first")
     args = p.parse_args(argv)
+    torch.set_flush_denormal(True)  # as train.py does
     torch.manual_seed(0)
-    groups = set(args.only or ("training", "tc", "denormals", "encoding", "metrics", "data"))
+    groups = set(args.only or GROUPS)
     print(f"bench on {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads)")
     with tempfile.TemporaryDirectory() as folder:
         if "training" in groups:
@@ -285,7 +349,11 @@ def main(argv=None):
         if "denormals" in groups:
             bench_denormals(60 if args.quick else 600)
         if "encoding" in groups:
-            bench_encoding(4096 if args.quick else 32768)
+            bench_encoding(4096 if args.quick else 32768, 1 if args.quick else 3)
+        if "evaluation" in groups:
+            bench_evaluation(args.checkpoint, 200 if args.quick else args.eval_steps, folder)
+        if "end-to-end" in groups:
+            bench_end_to_end()
         if "metrics" in groups:
             bench_metrics(737_280 // 16 if args.quick else 737_280)
         if "data" in groups:

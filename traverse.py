@@ -1,13 +1,33 @@
-"""PNG grids from a checkpoint: latent traversals, reconstructions, prior samples, and the MI matrix.
+"""Pictures, metrics and exported codes from a checkpoint written by train.py.
 
-    python traverse.py ckpt.pt                  # traversal.png, reconstructions.png, samples.png
-    python traverse.py ckpt.pt --mig --out grids  # + both MIGs on the whole dataset, metrics.json, mi.png
+    python traverse.py ckpt.pt                          # the pictures, beside ckpt.pt
+    python traverse.py ckpt.pt --metrics --out grids    # + every metric on the whole dataset
+    python traverse.py ckpt.pt --codes codes.npz        # + the codes of the whole dataset
+
+Writes into --out (default: the checkpoint's folder):
+  traversal.png        one row per latent, most informative first (largest mean KL): the code of
+                       --image with that latent swept over [-range, range]; each row is labelled with
+                       the latent's mean KL and the factor it holds most information about
+  traversal.gif        the same sweep with every latent moving at once: one cell per latent (in the
+                       order of traversal.png), one frame per sweep value, forward and back, looping
+  reconstructions.png  8 images (top) above their reconstructions (bottom)
+  samples.png          64 decodings of codes drawn from the prior N(0, I)
+  history.png          the logged terms and periodic metrics of the run against the step (when the
+                       checkpoint's history holds two points or more)
+  metrics.json         with --metrics: every metric of metrics.evaluate on the whole dataset
+  mi.png               with --metrics: the mutual information of each latent with each factor,
+                       divided by the factor's entropy (Chen et al.'s Gaussian estimator)
+and, with --codes PATH, one .npz (np.savez, no pickle) of the whole dataset: `mu` and `logvar`, the
+posterior means and log-variances, float32 (N, latents); for labelled data also `factors`, int64
+(N, K), `factor_names`, a unicode array (K,), and `factor_sizes`, int64 (K,).
 
 The model is rebuilt from the checkpoint alone; the data comes from the checkpoint's config unless
---data is given. Needs torch, numpy, pillow (and the toolkit's data, models, metrics and train).
+--data is given. Needs torch, numpy, pillow, and the toolkit's train.py (its shared runtime),
+data.py, losses.py and metrics.py.
 """
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -16,62 +36,107 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import data
-import metrics
+import losses
 import train
 
 COLLAPSED_KL = 0.01  # mean KL (nats) under which a latent carries no information
+FRAME_MS = 120       # how long traversal.gif shows each sweep value
+GIF_COLUMNS = 5      # at most this many latents per row of traversal.gif
+GIF_HEADER = 16      # pixels above the cells of traversal.gif, for the sweep value
+GIF_LABEL = 12       # pixels above each cell of traversal.gif, for the latent's name
+PAD = 2              # pixels between the images of every grid
+PANEL_WIDTH, PANEL_HEIGHT, PANEL_COLUMNS = 260, 160, 3  # history.png: one panel per term
+LOG_SCALE = 20  # history.png plots positive values spanning this factor or more on a log scale
+NOT_PLOTTED = ("step", "img_per_s", "samples")  # entries of history/evaluations that are not terms
+
+# what the table prints per metric: the first key is the headline, the others follow it
+HEADLINES = {"mig_discrete": ("mig",), "mig_gaussian": ("mig",), "beta_vae_score": ("score",),
+             "factor_vae_score": ("score",),
+             "dci": ("disentanglement", "completeness", "informativeness_test"),
+             "sap_score": ("score",), "modularity_explicitness": ("modularity", "explicitness_test"),
+             "gaussian_total_correlation": ("score",), "mutual_info_score": ("score",)}
+
+
+class _Formatter(train.HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """train.py's help layout, keeping the line breaks of the description."""
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Draw PNG grids (and optionally measure MIG) from a "
-                                "checkpoint written by train.py.",
-                                formatter_class=train.HelpFormatter)
-    p.add_argument("checkpoint", help="checkpoint written by train.py")
-    p.add_argument("--out", help="folder for the PNGs (default: beside the checkpoint)")
-    p.add_argument("--data", help="dataset to encode (default: the one in the checkpoint's config)")
-    p.add_argument("--range", type=float, default=3.0, help="traverse each latent over +-range")
-    p.add_argument("--steps", type=int, default=10, help="columns of the traversal")
-    p.add_argument("--image", type=int, default=0, help="index of the image whose code is traversed")
-    p.add_argument("--stats-subset", type=int, default=10_000,
-                   help="images encoded for the per-latent KL and factor labels")
-    p.add_argument("--mig", action="store_true",
-                   help="encode the whole dataset and report discrete and Gaussian MIG "
-                        "(metrics.json, mi.png)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+    """The command line -> argparse namespace; a bad argument is one line and exit code 2."""
+    p = train.ArgumentParser(
+        prog="traverse.py", formatter_class=_Formatter,
+        description="Draw pictures of what each latent of a trained model does, and optionally\n"
+                    "measure every disentanglement metric and export the codes of the dataset.\n\n"
+                    "  python traverse.py ckpt.pt                        # traversal.png/.gif, ...\n"
+                    "  python traverse.py ckpt.pt --metrics --out grids  # + metrics.json, mi.png\n"
+                    "  python traverse.py ckpt.pt --codes codes.npz      # + means, log-variances, "
+                    "factors\n\n"
+                    "See the top of traverse.py for what each file shows.")
+    p.add_argument("checkpoint", help="checkpoint written by train.py (its --out)")
+    p.add_argument("--out", help="folder for the pictures and metrics.json (default: the "
+                   "checkpoint's folder)")
+    p.add_argument("--data", help="dataset to encode (default: the one in the checkpoint's config; "
+                   "give it when the data has moved)")
+    p.add_argument("--metrics", action="store_true",
+                   help="encode the whole dataset, run every metric (labelled data: MIG, BetaVAE, "
+                        "FactorVAE, DCI, SAP, modularity; any data: the label-free ones), print a "
+                        "table, write metrics.json and mi.png")
+    p.add_argument("--mig", dest="metrics", action="store_true",
+                   help="the same as --metrics (its former name; the MIGs are among the metrics)")
+    p.add_argument("--codes", metavar="PATH",
+                   help="write the whole dataset's posterior means, log-variances and factors to "
+                        "this .npz file")
+    g = p.add_argument_group("pictures")
+    g.add_argument("--image", type=int, default=0, help="index of the image whose code is swept")
+    g.add_argument("--range", type=float, default=3.0, help="sweep each latent over [-range, range]")
+    g.add_argument("--steps", type=int, default=10,
+                   help="sweep values: columns of traversal.png, frames of traversal.gif "
+                        "(2 x steps - 2, forward and back)")
+    g.add_argument("--stats-subset", type=int, default=10_000,
+                   help="images encoded for the latents' order and labels (mean KL, best factor); "
+                        "with --metrics or --codes the whole dataset is used instead")
+    g = p.add_argument_group("running")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: cuda when available, else cpu")
-    p.add_argument("--seed", type=int, default=0, help="seed of the prior samples and image subsets")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the metrics' sampling, the prior samples and the image subsets")
+    g.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
-    if args.range <= 0 or args.steps < 2 or args.stats_subset < 1:
-        p.error("--range must be positive, --steps at least 2, --stats-subset positive")
+    checks = [(not (args.range > 0 and math.isfinite(args.range)), "--range must be a positive number"),
+              (args.steps < 2, "--steps must be at least 2"),
+              (args.stats_subset < 1, "--stats-subset must be at least 1"),
+              (args.image < 0, "--image must be >= 0")]
+    for failed, message in checks:
+        if failed:
+            p.error(message)
     return args
 
 
 # ----------------------------------------------------------------------------- drawing
 
 def to_pixels(logits):
-    """Model output logits (B, C, H, W) -> uint8 (B, H, W, C)."""
+    """Model output logits (B, C, H, W) -> uint8 numpy (B, H, W, C), 0..255."""
     return (torch.sigmoid(logits.float()) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
-def tile(images, columns, pad=2, background=255):
-    """uint8 (N, H, W, C) -> one RGB grid image with `columns` columns."""
+def tile(images, columns, background=255):
+    """uint8 (N, H, W, C) -> one RGB grid image with `columns` columns, PAD pixels apart."""
     n, h, w, c = images.shape
     rows = -(-n // columns)
-    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), background, np.uint8)
+    grid = np.full((rows * (h + PAD) + PAD, columns * (w + PAD) + PAD, 3), background, np.uint8)
     for i, image in enumerate(images):
-        top, left = pad + (i // columns) * (h + pad), pad + (i % columns) * (w + pad)
+        top, left = PAD + (i // columns) * (h + PAD), PAD + (i % columns) * (w + PAD)
         grid[top:top + h, left:left + w] = image if c == 3 else image.repeat(3, axis=2)
     return Image.fromarray(grid)
 
 
-def with_labels(grid, labels, row_height, width=170, pad=2):
-    """Put one text label left of each row of `grid`."""
+def with_labels(grid, labels, row_height, width=170):
+    """Put one text label left of each row of `grid` (rows of row_height pixels, PAD apart)."""
     canvas = Image.new("RGB", (grid.width + width, grid.height), "white")
     canvas.paste(grid, (width, 0))
     draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
     for i, label in enumerate(labels):
-        draw.text((4, pad + i * (row_height + pad) + row_height // 2 - 6), label, fill="black", font=font)
+        draw.text((4, PAD + i * (row_height + PAD) + row_height // 2 - 6), label, fill="black", font=font)
     return canvas
 
 
@@ -80,8 +145,8 @@ def heatmap(matrix, row_names, column_names, cell=56):
     rows, columns = matrix.shape
     left, top = 48, 28
     font = ImageFont.load_default()
-    cell = max([cell] + [int(ImageDraw.Draw(Image.new("1", (1, 1))).textlength(name, font=font)) + 10
-                         for name in column_names])
+    measure = ImageDraw.Draw(Image.new("1", (1, 1)))
+    cell = max([cell] + [int(measure.textlength(name, font=font)) + 10 for name in column_names])
     image = Image.new("RGB", (left + columns * cell + 4, top + rows * 22 + 4), "white")
     draw = ImageDraw.Draw(image)
     for k, name in enumerate(column_names):
@@ -98,111 +163,395 @@ def heatmap(matrix, row_names, column_names, cell=56):
     return image
 
 
+def fit_text(text, width, font):
+    """`text`, cut at the end until it is at most `width` pixels wide."""
+    measure = ImageDraw.Draw(Image.new("1", (1, 1)))
+    while text and measure.textlength(text, font=font) > width:
+        text = text[:-1]
+    return text
+
+
+def gif_columns(latents):
+    """Cells per row of traversal.gif: at most GIF_COLUMNS, the rows as evenly filled as can be."""
+    return -(-latents // -(-latents // GIF_COLUMNS))
+
+
+def gif_cell_origin(i, size, columns):
+    """(top, left) pixel of cell i's image (size x size) in a frame of traversal.gif."""
+    return GIF_HEADER + (i // columns) * (GIF_LABEL + size + PAD) + GIF_LABEL, PAD + (i % columns) * (size + PAD)
+
+
+def gif_frames(pixels, names, values):
+    """Frames of traversal.gif from the traversal's pixels, uint8 (latents, steps, H, W, C): frame k
+    shows column k of every row (one cell per latent, `names` above them, the value in a header);
+    the sweep runs forward then back, 2 * steps - 2 frames. Gray images give mode "L" frames (stored
+    exactly), colour ones "RGB" (the GIF writer reduces them to a 256-colour palette)."""
+    latents, steps, size, _, channels = pixels.shape
+    columns = gif_columns(latents)
+    rows = -(-latents // columns)
+    mode, white, black = ("L", 255, 0) if channels == 1 else ("RGB", (255, 255, 255), (0, 0, 0))
+    width = PAD + columns * (size + PAD)
+    height = GIF_HEADER + rows * (GIF_LABEL + size + PAD)
+    font = ImageFont.load_default()
+    frames = []
+    for k in list(range(steps)) + list(range(steps - 2, 0, -1)):
+        frame = Image.new(mode, (width, height), white)
+        draw = ImageDraw.Draw(frame)
+        draw.text((PAD + 2, 2), f"every latent at {values[k]:+.2f}", fill=black, font=font)
+        for i, name in enumerate(names):
+            top, left = gif_cell_origin(i, size, columns)
+            draw.text((left, top - GIF_LABEL), fit_text(name, size, font), fill=black, font=font)
+            cell = pixels[i, k] if channels == 3 else pixels[i, k, :, :, 0]
+            frame.paste(Image.fromarray(cell), (left, top))
+        frames.append(frame)
+    return frames
+
+
+# ----------------------------------------------------------------------------- history.png
+
+def history_series(history, evaluations=()):
+    """[(title, steps, values)]: each term logged in `history` (the checkpoint's list of dicts), in
+    the order first logged, then each periodic metric of `evaluations`; finite points only."""
+    series = []
+    for entries in (history, evaluations):
+        names = list(dict.fromkeys(k for entry in entries for k in entry if k not in NOT_PLOTTED))
+        for name in names:
+            points = [(entry["step"], float(entry[name])) for entry in entries
+                      if isinstance(entry.get(name), (int, float)) and math.isfinite(entry[name])]
+            if points:
+                series.append((name, [s for s, _ in points], [v for _, v in points]))
+    return series
+
+
+def nice_ticks(low, high, count=4, smallest_spacing=0.0):
+    """About `count` round values (1, 2 or 5 times a power of ten apart, at least
+    smallest_spacing) spanning [low, high]: the axis runs from the first to the last."""
+    if high - low <= 1e-9 * max(abs(low), abs(high), 1.0):  # a flat line: centre it
+        low, high = low - max(abs(low) * 0.05, 0.5), high + max(abs(high) * 0.05, 0.5)
+    raw = (high - low) / (count - 1)
+    power = 10.0 ** math.floor(math.log10(raw))
+    spacing = max(next(m * power for m in (1, 2, 5, 10) if m * power >= raw), smallest_spacing)
+    first, last = math.floor(low / spacing), math.ceil(high / spacing)
+    return [i * spacing for i in range(first, last + 1)]
+
+
+def tick_label(value):
+    """A short tick label: 1,250 / 0.25 / 1.5e-05."""
+    if value == 0 or 1e-3 <= abs(value) < 1e5:
+        return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
+    return f"{value:.2g}"
+
+
+def log_ticks(low, high):
+    """Powers of ten spanning [low, high] (both > 0), with 2 and 5 between them within 2 decades."""
+    first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
+    multiples = (1, 2, 5) if last - first <= 2 else (1,)
+    ticks = [m * 10.0 ** e for e in range(first, last) for m in multiples] + [10.0 ** last]
+    lowest = max(t for t in ticks if t <= low)
+    highest = min(t for t in ticks if t >= high)
+    return [t for t in ticks if lowest <= t <= highest]
+
+
+def draw_panel(title, steps, values):
+    """One PANEL_WIDTH x PANEL_HEIGHT plot of values against steps: title, axes, round ticks; the
+    value axis is logarithmic (and the title says so) when the values are positive and span a
+    factor of LOG_SCALE or more, as a loss that falls from thousands to tens does."""
+    image = Image.new("RGB", (PANEL_WIDTH, PANEL_HEIGHT), "white")
+    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
+    left, right, top, bottom = 56, PANEL_WIDTH - 16, 20, PANEL_HEIGHT - 22
+    logarithmic = min(values) > 0 and max(values) >= LOG_SCALE * min(values)
+    draw.text((left, 4), title + (" (log scale)" if logarithmic else ""), fill="black", font=font)
+    scale = math.log10 if logarithmic else (lambda value: value)
+    y_ticks = log_ticks(min(values), max(values)) if logarithmic else nice_ticks(min(values), max(values))
+    x_ticks = nice_ticks(min(steps), max(steps), smallest_spacing=1)
+
+    def x(step):
+        return left + (step - x_ticks[0]) / (x_ticks[-1] - x_ticks[0]) * (right - left)
+
+    def y(value):
+        low, high = scale(y_ticks[0]), scale(y_ticks[-1])
+        return bottom - (scale(value) - low) / (high - low) * (bottom - top)
+
+    draw.rectangle((left, top, right, bottom), outline=(160, 160, 160))
+    for value in y_ticks:
+        label = tick_label(value)
+        draw.line((left - 3, y(value), left, y(value)), fill="black")
+        draw.text((left - 5 - draw.textlength(label, font=font), y(value) - 6), label, fill="black", font=font)
+    for step in x_ticks:
+        label = tick_label(step)
+        draw.line((x(step), bottom, x(step), bottom + 3), fill="black")
+        draw.text((x(step) - draw.textlength(label, font=font) / 2, bottom + 5), label, fill="black", font=font)
+    points = [(x(s), y(v)) for s, v in zip(steps, values)]
+    if len(points) > 1:
+        draw.line(points, fill=(31, 90, 180), width=2)
+    if len(points) <= 30:
+        for px, py in points:
+            draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=(31, 90, 180))
+    return image
+
+
+def draw_history(series):
+    """Small multiples of history_series(...): one panel per term, PANEL_COLUMNS to a row."""
+    columns = min(len(series), PANEL_COLUMNS)
+    rows = -(-len(series) // columns)
+    image = Image.new("RGB", (columns * PANEL_WIDTH, rows * PANEL_HEIGHT), "white")
+    for i, (title, steps, values) in enumerate(series):
+        corner = ((i % columns) * PANEL_WIDTH, (i // columns) * PANEL_HEIGHT)
+        image.paste(draw_panel(title, steps, values), corner)
+    return image
+
+
 # ----------------------------------------------------------------------------- the grids
 
-def normalized(result):
-    """MI matrix (latents x factors) divided by each factor's entropy."""
-    return np.asarray(result["mi"]) / np.maximum(np.asarray(result["entropy"]), 1e-12)[None, :]
+def best_factor(row, factor_names):
+    """(name, value) of the largest entry of a latent's normalised MI row (K,), or None when it is
+    below 0.005 (no factor worth naming) or there is no factor."""
+    if len(row) == 0 or np.max(row) < 0.005:
+        return None
+    best = int(np.argmax(row))
+    return factor_names[best], float(row[best])
 
 
 def latent_labels(order, mean_kl, normalized_mi, factor_names):
+    """One label per latent of `order`: "z3  posX 0.82  KL 4.10" (best factor by normalised MI, or
+    "no factor"; neither without a matrix), "collapsed" when the mean KL is under COLLAPSED_KL nats.
+    normalized_mi: (D, K) or None; a (D, 0) matrix means that no factor varies."""
     labels = []
     for j in order:
         label = f"z{j}"
         if normalized_mi is not None:
-            best = int(np.argmax(normalized_mi[j]))
-            if normalized_mi[j, best] >= 0.005:  # below that it holds no factor worth naming
-                label += f"  {factor_names[best]} {normalized_mi[j, best]:.2f}"
-            else:
-                label += "  no factor"
+            best = best_factor(normalized_mi[j], factor_names)
+            label += f"  {best[0]} {best[1]:.2f}" if best else "  no factor"
         label += f"  KL {mean_kl[j]:.2f}"
         labels.append(label + ("  collapsed" if mean_kl[j] < COLLAPSED_KL else ""))
     return labels
 
 
-@torch.inference_mode()
-def draw_grids(model, source, dataset, args, out, normalized_mi=None):
-    index = train.evaluation_index(dataset, args.stats_subset, args.seed)
-    mu, logvar = train.encode_dataset(model, source, index)
-    mean_kl = (0.5 * (mu ** 2 + np.exp(logvar) - 1 - logvar)).mean(0)
-    order = np.argsort(-mean_kl, kind="stable")
-    if normalized_mi is None and dataset.factors is not None:
-        normalized_mi = normalized(metrics.discrete_mig(mu, dataset.factors[index]))
-    size = source.images.shape[1]
+def mean_kl(mu, logvar):
+    """Mean over the rows of KL(q(z_j|x) || N(0, 1)) per latent (losses.kl_normal): (D,) float64, nats."""
+    return losses.kl_normal(torch.from_numpy(mu).double(), torch.from_numpy(logvar).double()).mean(0).numpy()
 
-    code = model.encode(source.batch(np.array([args.image % len(dataset)])))[0][0]
-    values = torch.linspace(-args.range, args.range, args.steps)
-    codes = code.repeat(len(order) * args.steps, 1)
+
+def traversal_codes(code, order, values):
+    """(len(order) * len(values), D): `code` repeated; in block r, latent order[r] takes each value."""
+    codes = code.repeat(len(order) * len(values), 1)
     for row, j in enumerate(order):
-        codes[row * args.steps:(row + 1) * args.steps, j] = values
-    grid = tile(to_pixels(model.decode(codes)), args.steps)
-    labels = latent_labels(order, mean_kl, normalized_mi, dataset.factor_names)
-    paths = {"traversal": os.path.join(out, "traversal.png")}
-    with_labels(grid, labels, size).save(paths["traversal"])
+        codes[row * len(values):(row + 1) * len(values), j] = values
+    return codes
 
-    originals = source.batch(np.random.default_rng(args.seed).choice(len(dataset), 8, replace=False))
-    reconstructed = model.decode(model.encode(originals)[0])
-    pixels = np.concatenate([(originals * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy(),
-                             to_pixels(reconstructed)])
-    paths["reconstructions"] = os.path.join(out, "reconstructions.png")
-    tile(pixels, 8).save(paths["reconstructions"])
 
-    torch.manual_seed(args.seed)
-    prior = torch.randn(64, model.latents, device=source.device)
-    paths["samples"] = os.path.join(out, "samples.png")
-    tile(to_pixels(model.decode(prior)), 8).save(paths["samples"])
+@torch.inference_mode()
+def draw_grids(model, source, order, labels, gif_names, image, value_range, steps, seed, out):
+    """Write traversal.png, traversal.gif, reconstructions.png and samples.png into folder `out`.
+    order: the latents' row order; labels / gif_names: their text in the PNG / the GIF; image: the
+    row of `source` whose code (posterior mean) is swept over `steps` values in [-value_range,
+    value_range]; seed: of the reconstructed images and the prior samples. Returns {name: path}."""
+    size = source.images.shape[1]
+    code = model.encode(source.batch(np.array([image])))[0][0].float()
+    values = torch.linspace(-value_range, value_range, steps, device=code.device)
+    pixels = to_pixels(model.decode(traversal_codes(code, order, values)))
+    paths = {name: os.path.join(out, name) for name in
+             ("traversal.png", "traversal.gif", "reconstructions.png", "samples.png")}
+    with_labels(tile(pixels, steps), labels, size).save(paths["traversal.png"])
+    frames = gif_frames(pixels.reshape(len(order), steps, *pixels.shape[1:]), gif_names, values.tolist())
+    frames[0].save(paths["traversal.gif"], save_all=True, append_images=frames[1:], duration=FRAME_MS, loop=0)
+
+    rng = np.random.default_rng(seed)
+    originals = source.batch(rng.choice(len(source), min(8, len(source)), replace=False))
+    reconstructed = to_pixels(model.decode(model.encode(originals)[0]))
+    originals = (originals * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    tile(np.concatenate([originals, reconstructed]), len(originals)).save(paths["reconstructions.png"])
+
+    prior = torch.randn(64, model.latents, generator=torch.Generator().manual_seed(seed))
+    tile(to_pixels(model.decode(prior.to(source.device))), 8).save(paths["samples.png"])
     return paths
 
 
-def measure_mig(model, source, dataset, seed):
-    """Both MIG estimators on the whole dataset; the printed table and the JSON-ready dict."""
-    mu, logvar = train.encode_dataset(model, source)
-    results = {"discrete": metrics.discrete_mig(mu, dataset.factors),
-               "gaussian": metrics.gaussian_mig(mu, logvar, dataset.factors, seed=seed)}
-    names = dataset.factor_names
-    print(f"MIG on all {len(dataset):,} images of {dataset.name}")
-    widths = [max(len(name), 6) + 2 for name in names]
-    print(f"{'estimator':<10}{'MIG':>7}" + "".join(f"{n:>{w}}" for n, w in zip(names, widths)))
-    for estimator, result in results.items():
-        print(f"{estimator:<10}{result['mig']:>7.3f}"
-              + "".join(f"{g:>{w}.3f}" for g, w in zip(result["gaps"], widths)))
-    report = {"images": len(dataset), "dataset": dataset.name, "factor_names": names,
-              **{name: train.plain(result) for name, result in results.items()}}
-    return results, report
+# ----------------------------------------------------------------------------- metrics and codes
 
+def varying_factor_names(dataset, index):
+    """Names of the dataset's factors that take two values or more in the rows `index`."""
+    factors = dataset.factors[index]
+    return [name for name, low, high in zip(dataset.factor_names, factors.min(0), factors.max(0)) if low != high]
+
+
+def normalized_mi(result):
+    """The (D, K) mi_normalized of the first MIG measured in an evaluate_codes result (Gaussian,
+    else discrete), or None."""
+    for name in ("mig_gaussian", "mig_discrete"):
+        if "mi_normalized" in result.get(name, {}):
+            return np.asarray(result[name]["mi_normalized"], dtype=np.float64)
+    return None
+
+
+def metric_table(result):
+    """One line per metric of a metrics.evaluate result, in the order of HEADLINES: name, headline
+    value, the other key values; "not measured: reason" for a metric that failed."""
+    lines = []
+    for name in [n for n in HEADLINES if n in result] + [n for n in result if n not in HEADLINES]:
+        entry = result[name]
+        if "error" in entry:
+            lines.append(f"{name:<28}not measured: {entry['error']}")
+            continue
+        keys = ([k for k in HEADLINES.get(name, ()) if k in entry]
+                or [k for k, v in entry.items() if np.ndim(v) == 0])  # a metric this table does not know
+        if not keys:
+            lines.append(f"{name:<28}(see metrics.json)")
+            continue
+        values = [f"{float(entry[k]):.3f}" for k in keys]
+        lines.append(f"{name:<28}{values[0]:>7}" + "".join(f"  {k} {v}" for k, v in zip(keys[1:], values[1:])))
+    return lines
+
+
+def json_ready(value):
+    """train.plain(value) with NaN and infinities as None, so metrics.json is strict JSON."""
+    value = train.plain(value)
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_ready(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_codes(path, mu, logvar, dataset):
+    """np.savez the codes (and factors, if any) of the whole dataset to `path` exactly (no pickle)."""
+    arrays = {"mu": mu, "logvar": logvar}
+    if dataset.factors is not None:
+        arrays.update(factors=np.asarray(dataset.factors, np.int64),
+                      factor_names=np.array(dataset.factor_names, dtype=str),
+                      factor_sizes=np.array(dataset.factor_sizes, np.int64))
+    try:
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+    except OSError as error:
+        raise train.UserError(f"--codes {path}: cannot write it ({error.strerror})") from error
+
+
+def check_writable(path, option):
+    """UserError naming `option` unless a file can be written at `path` (checked before the work)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise train.UserError(f"{option} {path}: is a folder; give a file path such as {path}/codes.npz")
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise train.UserError(f"{option} {path}: folder {folder} does not exist or is not writable")
+
+
+def measure(mu, logvar, dataset, seed, out, checkpoint, step):
+    """Every metric on the whole dataset's codes (train.evaluate_codes): prints the table, writes
+    metrics.json and (for labelled data) mi.png into `out`; says on stderr which factors were left
+    out. Returns (result, paths written)."""
+    index = np.arange(len(dataset))
+    try:
+        result, note = train.evaluate_codes(mu, logvar, dataset, index, seed)
+    except ValueError as error:  # the codes themselves cannot be measured (e.g. not finite)
+        raise train.UserError(f"{checkpoint}: cannot measure its codes: {error}") from error
+    names = varying_factor_names(dataset, index) if dataset.factors is not None else []
+    report = {"checkpoint": checkpoint, "step": step, "dataset": dataset.name, "images": len(dataset),
+              "seed": seed, "factor_names": names, "note": note, "metrics": json_ready(result)}
+    paths = [os.path.join(out, "metrics.json")]
+    with open(paths[0], "w") as f:
+        json.dump(report, f, indent=1, allow_nan=False)
+    mi = normalized_mi(result)
+    if mi is not None:
+        paths.append(os.path.join(out, "mi.png"))
+        heatmap(mi, [f"z{j}" for j in range(len(mi))], names).save(paths[1])
+    print(f"metrics of {checkpoint} (step {step:,}) on all {len(dataset):,} images of {dataset.name}"
+          + ("" if dataset.factors is not None else " (no ground-truth factors: label-free metrics only)"))
+    print("\n".join(metric_table(result)))
+    if note:
+        print(note, file=sys.stderr)
+    return result, paths
+
+
+# ----------------------------------------------------------------------------- the command
 
 def main(argv=None):
+    """The command line (argv: a list of strings, sys.argv[1:] if None) -> exit code: 0, 1 for a
+    problem with the checkpoint, data or paths (one line on stderr), 2 for a bad argument."""
     args = parse_args(argv)
     return train.report_errors(lambda: make_pictures(args), args.debug)
 
 
-def make_pictures(args):
+def load_run(args):
+    """The checkpoint, its model on the device (eval mode), its dataset and an ImageSource."""
     state = train.load_checkpoint(args.checkpoint)
-    config = state["config"]
+    config = state["config"]  # only entries load_checkpoint guarantees are read
     device = train.resolve_device(args.device)
     model = train.model_from_checkpoint(state, args.checkpoint).to(device).eval()
     source_name = args.data or config["data"]
-    dataset = data.load(source_name, limit=config.get("data_limit"), seed=config.get("seed", 0))
+    dataset = data.load(source_name, limit=config["data_limit"], seed=config["seed"])
     channels, size = train.check_dataset(dataset, config["arch"], source_name)
     if (channels, size) != (config["channels"], config["size"]):
         raise train.UserError(f"{source_name}: images are {size}x{size}x{channels}, the model "
                               f"was trained on {config['size']}x{config['size']}x{config['channels']}")
+    if args.image >= len(dataset):
+        raise train.UserError(f"--image {args.image}: {dataset.name} has {len(dataset)} images "
+                              f"(0 to {len(dataset) - 1})")
+    return state, model, dataset, train.ImageSource(dataset.images, device)
+
+
+def encode(args, state, model, dataset, source, out):
+    """Encode the whole dataset (--metrics, --codes: then measure and export) or --stats-subset
+    images. Returns (rows encoded, mu, logvar, evaluate_codes result or {}, paths written)."""
+    if not (args.metrics or args.codes):
+        index = train.evaluation_index(dataset, args.stats_subset, args.seed)
+        return (index, *train.encode_dataset(model, source, index), {}, [])
+    mu, logvar = train.encode_dataset(model, source, what=f"encoding {len(dataset):,} images")
+    result, written = {}, []
+    if args.codes:
+        write_codes(args.codes, mu, logvar, dataset)
+        written.append(args.codes)
+    if args.metrics:
+        result, paths = measure(mu, logvar, dataset, args.seed, out, args.checkpoint, state["step"])
+        written += paths
+    return np.arange(len(dataset)), mu, logvar, result, written
+
+
+def label_latents(mu, logvar, dataset, index, result, seed):
+    """The latents' order (largest mean KL first) and their names in traversal.png and .gif. The
+    factors' normalised MI comes from `result` (--metrics) or, when it is empty, from the discrete
+    MIG of these codes on the factors that vary in these rows (what is left out is said on stderr)."""
+    if dataset.factors is not None and not result:  # not measured yet (no --metrics)
+        try:
+            result, note = train.evaluate_codes(mu, logvar, dataset, index, seed, only_mig=True)
+        except ValueError as error:
+            result, note = {}, f"no factor labels: {error}"
+        if note:
+            print(note, file=sys.stderr)
+    kl = mean_kl(mu, logvar)
+    order = np.argsort(-kl, kind="stable")
+    mi, names = normalized_mi(result), []
+    if dataset.factors is not None:
+        names = varying_factor_names(dataset, index)
+        mi = mi if mi is not None else np.zeros((mu.shape[1], 0))
+    best = [best_factor(mi[j], names) if mi is not None else None for j in order]
+    gif_names = [f"z{j} {b[0]}" if b else f"z{j}" for j, b in zip(order, best)]
+    return order, latent_labels(order, kl, mi, names), gif_names
+
+
+def make_pictures(args):
+    """The whole command: load, encode, measure and export (if asked), draw; returns the exit code."""
+    state, model, dataset, source = load_run(args)
     out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
-    os.makedirs(out, exist_ok=True)
-    source = train.ImageSource(dataset.images, device)
-    normalized_mi = None
-    if args.mig:
-        if dataset.factors is None:
-            raise train.UserError(f"{dataset.name}: has no ground-truth factors, so no MIG")
-        results, report = measure_mig(model, source, dataset, args.seed)
-        normalized_mi = normalized(results["gaussian"])
-        with open(os.path.join(out, "metrics.json"), "w") as f:
-            json.dump(report, f, indent=1)
-        heatmap(normalized_mi, [f"z{j}" for j in range(model.latents)],
-                dataset.factor_names).save(os.path.join(out, "mi.png"))
-    paths = draw_grids(model, source, dataset, args, out, normalized_mi)
-    print("wrote " + ", ".join(paths.values()) +
-          (f", {out}/metrics.json, {out}/mi.png" if args.mig else ""))
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as error:
+        raise train.UserError(f"--out {out}: cannot create it ({error.strerror})") from error
+    if args.codes:  # before the long encoding
+        check_writable(args.codes, "--codes")
+    index, mu, logvar, result, written = encode(args, state, model, dataset, source, out)
+    order, labels, gif_names = label_latents(mu, logvar, dataset, index, result, args.seed)
+    paths = draw_grids(model, source, order, labels, gif_names, args.image, args.range, args.steps,
+                       args.seed, out)
+    written += paths.values()
+    history = state.get("history") or []
+    series = history_series(history, state.get("evaluations") or [])
+    if len(history) >= 2 and series:
+        written.append(os.path.join(out, "history.png"))
+        draw_history(series).save(written[-1])
+    print("wrote " + ", ".join(written))
     return 0
 
 

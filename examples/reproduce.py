@@ -1,124 +1,742 @@
-"""Reproduce Chen et al.'s ordering (beta-TCVAE > beta-VAE > VAE > AE on MIG) with train.py on built-in data.
+"""Studies with train.py: a grid of runs trained here or on a SLURM cluster, then the results table.
 
-    python examples/reproduce.py table    # 4 objectives x 3 seeds, the results table
-    python examples/reproduce.py curve    # MIG against beta for beta-VAE and beta-TCVAE
+    python examples/reproduce.py run                        # 7 objectives x 3 seeds on sprites (README)
+    python examples/reproduce.py run --workers 4            # 4 at once: one per GPU, or the CPU cores shared
+    python examples/reproduce.py run --slurm --gres gpu:1   # write runs/study.sbatch, a SLURM job array
+    python examples/reproduce.py table                      # the table of every finished run in runs/
 
-Each run is one `python train.py ...` command (printed before it starts), and every MIG is taken
-over the whole dataset. A run whose checkpoint already holds its final MIG is not trained again (one
-measured on a subset is re-measured with `train.py --resume`), so the script can be stopped and
-restarted. Results go to OUT/table-DATA.json, OUT/curve-DATA.json and OUT/mig_vs_beta-DATA.png.
-Needs the toolkit (torch, numpy, pillow).
+A study is a grid (datasets x objectives x betas x seeds x any other train.py option) whose runs
+keep their checkpoints in one folder (--out). Each run is one `python train.py ...` command, printed
+before it starts, with a checkpoint named after its grid point: data-model-beta-seed-steps, plus a
+short hash of any option that differs from the recipe. A finished run (its final metrics measured
+on the whole dataset) is skipped and an unfinished one resumed, so a stopped study continues where
+it stopped; the SLURM script follows the same rule.
+
+`table` reads every finished checkpoint in the folder and gives, per dataset, objective and
+setting, the median and [min, max] over seeds of every metric the checkpoints hold (table.md,
+table.json); it draws the MIG of each seed per objective and beta, as in Locatello et al. 2019's
+figures (mig-DATA.png), and MIG against beta where an objective was run at several betas
+(mig_vs_beta-DATA.png).
+
+Needs what train.py needs (torch, numpy, pillow); on a cluster, nothing but this repository.
 """
 import argparse
+import hashlib
 import json
+import math
 import os
+import shlex
+import signal
 import statistics
 import subprocess
 import sys
+import time
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TRAIN = os.path.join(HERE, "..", "train.py")
-RECIPE = ["--arch", "conv", "--batch-size", "64", "--lr", "1e-3", "--precision", "bf16", "--latents", "10"]
-OBJECTIVES = ("ae", "vae", "betavae", "betatc")
+TRAIN = os.path.normpath(os.path.join(HERE, os.pardir, "train.py"))
+OBJECTIVES = ("ae", "vae", "betavae", "betatc", "factorvae", "dipvae1", "dipvae2")
+TITLES = {"ae": "AE", "vae": "VAE", "betavae": "beta-VAE", "betatc": "beta-TCVAE",
+          "factorvae": "FactorVAE", "dipvae1": "DIP-VAE-I", "dipvae2": "DIP-VAE-II"}
+BETA_OBJECTIVES = ("betavae", "betatc")  # beta means nothing to the others: they are not run per beta
+HYPERPARAMETERS = {"betavae": ("beta", "capacity"), "betatc": ("beta",), "factorvae": ("gamma",),
+                   "dipvae1": ("lambda_od", "lambda_d"), "dipvae2": ("lambda_od", "lambda_d")}
+# The README's recipe, given to every run; --set or options after -- replace any of it.
+RECIPE = {"arch": "conv", "batch-size": "64", "lr": "1e-3", "precision": "auto", "latents": "10"}
+# train.py options the runner sets itself, and why the user need not
+SET_BY_THE_RUNNER = {
+    "data": "use --data", "model": "use --models", "beta": "use --betas", "seed": "use --seeds",
+    "steps": "use --steps", "out": "use --out", "resume": "it resumes unfinished runs itself",
+    "force": "it never overwrites a finished run",
+    "final-eval": "a study measures every run on the whole dataset"}
+NOT_IN_THE_NAME = ("device", "log-every", "save-every", "eval-every", "eval-subset", "compile", "debug")
+DERIVED = ("seed", "channels", "size", "dataset_size", "dataset_name", "factor_names", "factor_sizes")
+MIGS = {"mig_gaussian": "MIG (Chen et al.)", "mig_discrete": "MIG (discretized)"}
+COLOURS = ("#666666", "#7570b3", "#1b9e77", "#d95f02", "#e7298a", "#66a61e", "#e6ab02")
 
 
-def data_name(data):
-    return os.path.splitext(os.path.basename(data.split(":")[0].rstrip("/")))[0]
+class UserError(Exception):
+    """A problem with the user's input or files: one line on stderr, exit code 1."""
 
 
-def run(out_dir, data, model, beta, seed, steps, recon="auto"):
-    """Train one model with train.py (or finish it); returns its checkpoint path."""
-    out = os.path.join(out_dir, f"{data_name(data)}-{model}-beta{beta:g}-seed{seed}-{steps}.pt")
-    state = torch.load(out, weights_only=True) if os.path.exists(out) else None
-    final = (state or {}).get("final", {})
-    if final and final.get("samples") == state["config"]["dataset_size"]:
-        return out
-    command = [sys.executable, TRAIN, "--out", out, "--log-every", "1000"]
-    if final:  # trained, but measured on a subset: resuming a finished run only re-evaluates
-        command += ["--resume"]
-    else:
-        command += ["--data", data, "--model", model, "--beta", str(beta), "--seed", str(seed),
-                    "--steps", str(steps), "--resume" if state else "--force", *RECIPE]
-        command += ["--recon", recon] if recon != "auto" else []
-    print(" ".join(["python", "train.py"] + command[2:]), flush=True)
-    subprocess.run(command, check=True)
-    return out
+# ----------------------------------------------------------------------------- the grid
+
+def number(value):
+    """6.0 -> '6', 0.5 -> '0.5': the shortest text that reads back as the same float."""
+    short = f"{value:g}"
+    return short if float(short) == value else repr(value)
 
 
-def final_mig(path):
-    final = torch.load(path, weights_only=True)["final"]
-    return final["gaussian_mig"]["mig"], final["discrete_mig"]["mig"]
+def canonical(value):
+    """'1e-3' and '0.001' are the same option value."""
+    try:
+        return repr(float(value))
+    except (TypeError, ValueError):
+        return value
 
 
-def table(args):
-    results = {}
-    for model in OBJECTIVES:
-        migs = [final_mig(run(args.out, args.data, model, args.beta, seed, args.steps, args.recon)) for seed in args.seeds]
-        results[model] = {"gaussian": [m[0] for m in migs], "discrete": [m[1] for m in migs]}
-    print(f"\n| objective | Chen MIG median [range] | discrete MIG median [range] |\n|---|---|---|")
-    for model, migs in results.items():
-        cells = [f"{statistics.median(v):.3f} [{min(v):.3f}, {max(v):.3f}]" for v in migs.values()]
-        print(f"| {model} | {cells[0]} | {cells[1]} |")
-    return results
+def data_label(data):
+    """'sprites:positions=2,scales=2' -> 'sprites_positions2_scales2'; '/d/3dshapes.h5' -> '3dshapes'."""
+    source, _, options = data.partition(":")
+    name = os.path.splitext(os.path.basename(source.rstrip("/")))[0]
+    options = "".join(c if c.isalnum() or c == "." else "_" for c in options.replace("=", ""))
+    return f"{name}_{options}" if options else name
 
 
-def curve(args):
-    results = {model: {beta: final_mig(run(args.out, args.data, model, beta, 0, args.steps, args.recon))[0]
-                       for beta in args.betas} for model in ("betavae", "betatc")}
-    draw_curve(results, os.path.join(args.out, f"mig_vs_beta-{data_name(args.data)}.png"),
-               f"MIG (Chen et al.) on {data_name(args.data)}, seed 0")
-    return results
+def parse_passthrough(tokens):
+    """Options after a lone `--`: ['--lr', '5e-4', '--compile'] -> {'lr': '5e-4', 'compile': None}."""
+    options, name = {}, None
+    for token in tokens:
+        if token.startswith("--"):
+            name, equals, value = token[2:].partition("=")
+            options[name] = value if equals else None
+        elif name is not None and options[name] is None:
+            options[name] = token
+        else:
+            raise ValueError(f"options after --: {token!r} is not an option (--name) or its value")
+    return options
 
 
-def draw_curve(results, path, title, width=480, height=300, margin=50):
-    image = Image.new("RGB", (width, height), "white")
-    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
-    betas = sorted({b for r in results.values() for b in r})
-    top = max(0.1, max(v for r in results.values() for v in r.values()) * 1.15)
-    x = lambda b: margin + (b - betas[0]) / max(betas[-1] - betas[0], 1) * (width - 2 * margin)
-    y = lambda v: height - margin - v / top * (height - 2 * margin)
-    draw.line([(margin, y(0)), (width - margin, y(0))], fill="black")
-    draw.line([(margin, y(0)), (margin, y(top))], fill="black")
-    for b in betas:
-        draw.text((x(b) - 3, y(0) + 6), f"{b:g}", fill="black", font=font)
+def parse_axis(text):
+    """--set '[MODEL:]NAME=V1,V2' -> (MODEL or '', NAME, [V1, V2])."""
+    target, equals, values = text.partition("=")
+    model, _, name = target.rpartition(":")
+    values = [v for v in values.split(",") if v]
+    if not equals or not name or not values:
+        raise ValueError(f"--set {text}: write NAME=VALUE[,VALUE...], optionally MODEL:NAME=...")
+    if model and model not in OBJECTIVES:
+        raise ValueError(f"--set {text}: {model} is not an objective ({', '.join(OBJECTIVES)})")
+    return model, name.lstrip("-").replace("_", "-"), values
+
+
+def check_options(names, where):
+    for name in names:
+        if name in SET_BY_THE_RUNNER:
+            raise ValueError(f"{where}: --{name} is set by the runner ({SET_BY_THE_RUNNER[name]})")
+
+
+def axis_points(axes, model):
+    """Every combination of the --set axes that apply to `model`: a list of {name: value}."""
+    points = [{}]
+    for scope, name, values in axes:
+        if scope in ("", model):
+            points = [{**point, name: value} for point in points for value in values]
+    return points
+
+
+def make_run(folder, data, model, beta, seed, steps, options):
+    """One grid point: its name, checkpoint path and train.py options (in order; None: a flag)."""
+    extra = sorted((k, canonical(v)) for k, v in options.items() if k not in NOT_IN_THE_NAME
+                   and (k not in RECIPE or canonical(v) != canonical(RECIPE[k])))
+    parts = [data_label(data), model] + ([f"beta{number(beta)}"] if beta is not None else [])
+    name = "-".join(parts + [f"seed{seed}", str(steps)])
+    if extra:
+        name += "-" + hashlib.sha1(json.dumps(extra).encode()).hexdigest()[:6]
+    out = os.path.join(folder, name + ".pt")
+    head = {"data": data, "model": model, **({"beta": number(beta)} if beta is not None else {}),
+            "seed": str(seed), "steps": str(steps)}
+    return {"name": name, "out": out, "options": {**head, **options, "out": out}}
+
+
+def grid(args, passthrough):
+    """Every run of the study, seed by seed (so a stopped study has whole seeds done first)."""
+    runs = {}
+    for seed in args.seeds:
+        for data in args.data:
+            for model in args.models:
+                for beta in args.betas if model in BETA_OBJECTIVES else [None]:
+                    for point in axis_points(args.set, model):
+                        run = make_run(args.out, data, model, beta, seed, args.steps,
+                                       {**RECIPE, **passthrough, **point})
+                        runs.setdefault(run["name"], run)
+    return list(runs.values())
+
+
+def train_arguments(run):
+    """The run's options as train.py arguments."""
+    arguments = []
+    for name, value in run["options"].items():
+        arguments += [f"--{name}"] + ([] if value is None else [value])
+    return arguments
+
+
+def printable(arguments):
+    """The command as a user would type it in the current folder."""
+    return shlex.join(["python", os.path.relpath(TRAIN)] + arguments)
+
+
+# ----------------------------------------------------------------------------- run states
+
+def is_finished(checkpoint):
+    """Its final metrics were measured on the whole dataset (or it has no final metrics to take)."""
+    final, size = checkpoint.get("final"), checkpoint["config"]["dataset_size"]
+    return isinstance(final, dict) and final.get("samples", size) == size
+
+
+def run_state(path):
+    """'finished' (skip it), 'unfinished' (train.py --resume) or 'missing' (train.py --force)."""
+    if not os.path.exists(path):
+        return "missing"
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return "finished" if is_finished(checkpoint) else "unfinished"
+    except Exception:  # unreadable or foreign: train.py --resume says what is wrong with it
+        return "unfinished"
+
+
+def mode(state):
+    """train.py continues an unfinished checkpoint (or re-measures it) and starts a missing one."""
+    return "--resume" if state == "unfinished" else "--force"
+
+
+# ----------------------------------------------------------------------------- local workers
+
+def visible_gpus(gpus, options):
+    """The GPUs the workers share: --gpus, else those of CUDA_VISIBLE_DEVICES, else all torch sees."""
+    if options.get("device") == "cpu":
+        return []
+    if gpus is None and os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        gpus = os.environ["CUDA_VISIBLE_DEVICES"]
+    if gpus is not None:
+        return [g.strip() for g in gpus.split(",") if g.strip()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def worker_environment(slot, workers, gpus, cores):
+    """The environment of worker `slot` of `workers`: its GPU (round-robin) and its share of the cores."""
+    env = dict(os.environ)
+    threads = str(max(1, cores // workers))
+    env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    if gpus:
+        env["CUDA_VISIBLE_DEVICES"] = gpus[slot % len(gpus)]
+    return env
+
+
+def cpu_cores():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def last_line(path):
+    with open(path, errors="replace") as f:
+        lines = [line.strip() for line in f.read()[-20000:].replace("\r", "\n").splitlines()]
+    return next((line for line in reversed(lines) if line), "(no output)")
+
+
+class StopRequest:
+    """Ctrl-C, SIGTERM or SIGHUP: start no more runs and pass SIGTERM on to the running ones, which
+    save their checkpoints; a second signal is passed on again, and train.py then leaves at once."""
+
+    def __init__(self):
+        self.signal, self.count = None, 0
+        self.previous = {sig: signal.signal(sig, self.handle)
+                         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+
+    def handle(self, signum, frame):
+        self.signal, self.count = self.signal or signum, self.count + 1
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def start(run, state, env, label, logs):
+    """Start one train.py in its own session (so only the runner passes signals on to it)."""
+    arguments = train_arguments(run) + [mode(state)]
+    log_path = os.path.join(logs, run["name"] + ".log")
+    print(f"{label} {'resume' if state == 'unfinished' else 'start'} {run['name']}\n"
+          f"    {printable(arguments)}", flush=True)
+    with open(log_path, "a") as log:
+        log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} {printable(arguments)}\n")
+        log.flush()
+        process = subprocess.Popen([sys.executable, TRAIN] + arguments, stdout=log,
+                                   stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return {"process": process, "run": run, "arguments": arguments, "log": log_path, "label": label,
+            "started": time.perf_counter()}
+
+
+def report(job, stop):
+    """Say how a run ended; returns whether it failed (a run the runner stopped has not)."""
+    code, name, label = job["process"].returncode, job["run"]["name"], job["label"]
+    seconds = time.perf_counter() - job["started"]
+    took = f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
+    if code == 0:
+        print(f"{label} done {name} in {took}: {last_line(job['log'])}", flush=True)
+        return False
+    if stop.signal is not None and code in (128 + signal.SIGTERM, -signal.SIGTERM):
+        saved = "checkpoint saved" if code > 0 else "stopped before training began"
+        print(f"{label} stopped {name} ({saved}); it resumes next time", flush=True)
+        return False
+    print(f"{label} FAILED {name} (exit {code}) after {took}: {last_line(job['log'])}\n"
+          f"    command: {printable(job['arguments'])}\n    log: {job['log']}", flush=True)
+    return True
+
+
+def run_locally(todo, workers, gpus, logs):
+    """Train `todo` ([(run, state)]) with `workers` processes at once; returns (failed jobs, signal)."""
+    cores, queue, running, failed, forwarded = cpu_cores(), list(enumerate(todo, 1)), {}, [], 0
+    print(f"{workers} worker(s): " + (f"GPUs {', '.join(gpus)} round-robin" if gpus else "CPU") +
+          f", {max(1, cores // workers)} thread(s) each; logs in {logs}", flush=True)
+    stop = StopRequest()
+    try:
+        while running or (queue and stop.signal is None):
+            for slot in range(workers):
+                if slot not in running and queue and stop.signal is None:
+                    index, (run, state) = queue.pop(0)
+                    where = f"GPU {gpus[slot % len(gpus)]}" if gpus else "CPU"
+                    label = f"[{index}/{len(todo)}, worker {slot}, {where}]"
+                    env = worker_environment(slot, workers, gpus, cores)
+                    running[slot] = start(run, state, env, label, logs)
+            if stop.count > forwarded:
+                forwarded = stop.count
+                for job in running.values():
+                    job["process"].send_signal(signal.SIGTERM)
+            for slot, job in list(running.items()):
+                if job["process"].poll() is not None:
+                    failed += [job] if report(job, stop) else []
+                    del running[slot]
+            time.sleep(0.2)
+    finally:
+        stop.restore()
+    return failed, stop.signal
+
+
+def run_study(args, runs):
+    """Train here what has not finished, then write the table. Returns the exit code."""
+    states = [(run, run_state(run["out"])) for run in runs]
+    todo = [(run, state) for run, state in states if state != "finished"]
+    resumed = sum(state == "unfinished" for _, state in todo)
+    print(f"{len(runs)} runs in {args.out}: {len(runs) - len(todo)} finished (skipped), "
+          f"{resumed} to resume, {len(todo) - resumed} to start", flush=True)
+    if args.dry_run:
+        for run, state in states:
+            command = printable(train_arguments(run) + [mode(state)]) if state != "finished" else ""
+            print(f"{state:10}  {command or run['out']}")
+        return 0
+    if todo:
+        os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)
+        gpus = visible_gpus(args.gpus, runs[0]["options"])
+        failed, stopped = run_locally(todo, args.workers, gpus, os.path.join(args.out, "logs"))
+        if stopped:
+            print(f"stopped by {signal.Signals(stopped).name}: run the same command again to continue")
+            return 128 + stopped
+        if failed:
+            print(f"{len(failed)} of {len(todo)} runs failed (the table leaves them out):\n" +
+                  "\n".join(f"    {printable(job['arguments'])}" for job in failed))
+            if len(failed) < len(runs):
+                write_table(args.out)
+            return 1
+    return write_table(args.out)
+
+
+# ----------------------------------------------------------------------------- SLURM
+
+def slurm_script(args, runs):
+    """A bash job-array script: task i trains run i, with the runner's skip-if-done rule."""
+    this = shlex.quote(os.path.relpath(os.path.abspath(__file__)))
+    sbatch = [("job-name", args.job_name), ("array", f"0-{len(runs) - 1}"),
+              ("output", os.path.join(os.path.abspath(args.out), "logs", "%x-%A_%a.log")),
+              ("time", args.time), ("cpus-per-task", args.cpus_per_task), ("mem", args.mem),
+              ("gres", args.gres), ("partition", args.partition)]
+    lines = ["#!/bin/bash",
+             f"# {len(runs)} train.py runs of a study, written by examples/reproduce.py. Task i trains",
+             "# run i: skipped if its checkpoint is finished, resumed if it exists, started otherwise."]
+    lines += [f"#SBATCH --{key}={value}" for key, value in sbatch if value]
+    lines += [f"#SBATCH {option if option.startswith('-') else '--' + option}" for option in args.sbatch]
+    lines += args.setup + [
+        "set -euo pipefail",
+        f"cd {shlex.quote(os.getcwd())}",
+        'if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then',
+        '  export OMP_NUM_THREADS="$SLURM_CPUS_PER_TASK" MKL_NUM_THREADS="$SLURM_CPUS_PER_TASK"',
+        "fi",
+        'case "${SLURM_ARRAY_TASK_ID:?submit this script with sbatch}" in']
+    for index, run in enumerate(runs):
+        command = shlex.join(["python", os.path.relpath(TRAIN)] + train_arguments(run))
+        lines.append(f"  {index}) out={shlex.quote(run['out'])}; command=({command}) ;;")
+    lines += ['  *) echo "this study has no run $SLURM_ARRAY_TASK_ID" >&2; exit 2 ;;',
+              "esac",
+              f'state=$(python {this} state "$out")',
+              'if [ "$state" = finished ]; then echo "$out: finished, skipped"; exit 0; fi',
+              'if [ "$state" = unfinished ]; then mode=--resume; else mode=--force; fi',
+              'echo "${command[*]} $mode"',
+              'exec "${command[@]}" "$mode"']
+    return "\n".join(lines) + "\n"
+
+
+def write_slurm(args, runs):
+    os.makedirs(os.path.join(args.out, "logs"), exist_ok=True)  # SLURM does not create it
+    path = os.path.join(args.out, f"{args.job_name}.sbatch")
+    with open(path, "w") as f:
+        f.write(slurm_script(args, runs))
+    this = shlex.quote(os.path.relpath(os.path.abspath(__file__)))
+    print(f"wrote {path}: {len(runs)} runs as a job array (tasks 0-{len(runs) - 1}); finished runs are "
+          f"skipped, so it can be submitted again after a stop\n"
+          f"submit:            sbatch {shlex.quote(path)}\n"
+          f"when it has ended: python {this} table --out {shlex.quote(args.out)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- the table
+
+def metric_values(final):
+    """{column: float} of every scalar metric of a checkpoint's `final` entry, in both layouts
+    (train.py's `metrics` dict, and the older `gaussian_mig` / `discrete_mig` entries)."""
+    found = dict(final.get("metrics") or {})
+    for old, new in (("gaussian_mig", "mig_gaussian"), ("discrete_mig", "mig_discrete")):
+        if old in final:
+            found.setdefault(new, final[old])
+    values = {}
+    for metric, result in found.items():
+        if isinstance(result, dict) and "error" not in result:
+            for key, value in result.items():
+                if isinstance(value, float) and value == value:  # not NaN
+                    values[metric if key in ("mig", "score") else f"{metric}.{key}"] = value
+    return values
+
+
+def collect(folder):
+    """Finished checkpoints of `folder`, grouped by everything in their config but the seed; and
+    the files left out: unfinished, not checkpoints, or a second checkpoint of the same run."""
+    groups, left_out = {}, []
+    for file in sorted(f for f in os.listdir(folder) if f.endswith(".pt")):
+        try:
+            checkpoint = torch.load(os.path.join(folder, file), map_location="cpu",
+                                    weights_only=True, mmap=True)
+            config, finished = checkpoint["config"], is_finished(checkpoint)
+        except Exception:  # not a checkpoint of this toolkit
+            finished = False
+        if not finished:
+            left_out.append(file)
+            continue
+        identity = {k: v for k, v in config.items() if k not in DERIVED}
+        if config["model"] not in BETA_OBJECTIVES:
+            identity.pop("beta", None)
+        group = groups.setdefault(json.dumps(identity, sort_keys=True, default=str),
+                                  {"identity": identity, "runs": []})
+        if any(seed == config["seed"] for seed, _, _ in group["runs"]):
+            left_out.append(file)
+            continue
+        group["runs"].append((config["seed"], file, metric_values(checkpoint["final"])))
+    return list(groups.values()), left_out
+
+
+def settings(identity, varying):
+    """'beta 6' or 'gamma 35, lr 0.0005': the objective's hyperparameters and what else varies."""
+    names = dict.fromkeys(HYPERPARAMETERS.get(identity["model"], ()) + tuple(varying))
+    shown = [(k, identity[k]) for k in names if identity.get(k) is not None]
+    return ", ".join(f"{k} {number(v) if isinstance(v, float) else v}" for k, v in shown)
+
+
+def summarise(groups):
+    """Rows of the table: one per group, seeds in order, median and [min, max] per metric."""
+    every_hyperparameter = {k for names in HYPERPARAMETERS.values() for k in names}
+    keys = {k for g in groups for k in g["identity"]} - {"data", "model"} - every_hyperparameter
+    varying = sorted(k for k in keys
+                     if len({json.dumps(g["identity"].get(k), default=str) for g in groups}) > 1)
+    rows = []
+    for group in groups:
+        identity, runs = group["identity"], sorted(group["runs"], key=lambda run: run[:2])
+        row = {"data": identity["data"], "objective": identity["model"],
+               "settings": settings(identity, varying), "config": identity,
+               "seeds": [seed for seed, _, _ in runs], "checkpoints": [file for _, file, _ in runs],
+               "metrics": {}}
+        for column in dict.fromkeys(k for _, _, values in runs for k in values):
+            values = [values.get(column) for _, _, values in runs]
+            present = [v for v in values if v is not None]
+            row["metrics"][column] = {"median": statistics.median(present), "min": min(present),
+                                      "max": max(present), "values": values}
+        rows.append(row)
+    order = {model: i for i, model in enumerate(OBJECTIVES)}
+    return sorted(rows, key=lambda r: (r["data"], order.get(r["objective"], len(order)),
+                                       float(r["config"].get("beta") or 0), r["settings"]))
+
+
+def columns_of(rows):
+    """The MIGs first, then every other metric; the training-side figures (accuracies, `*_train`)
+    are left to table.json."""
+    found = [k for k in dict.fromkeys(k for row in rows for k in row["metrics"])
+             if not any(word in k.split(".")[-1] for word in ("train", "accuracy"))]
+    return [k for k in MIGS if k in found] + [k for k in found if k not in MIGS]
+
+
+def cell(summary):
+    """'0.425 [0.128, 0.430]', and how many seeds have it when not all do."""
+    if summary is None:
+        return ""
+    present = sum(v is not None for v in summary["values"])
+    text = f"{summary['median']:.3f} [{summary['min']:.3f}, {summary['max']:.3f}]"
+    return text + (f" ({present} seeds)" if present < len(summary["values"]) else "")
+
+
+def markdown(rows):
+    columns = columns_of(rows)
+    lines = ["| data | objective | settings | seeds | " + " | ".join(columns) + " |",
+             "|---" * (4 + len(columns)) + "|"]
+    for row in rows:
+        cells = [cell(row["metrics"].get(column)) for column in columns]
+        lines.append(f"| {data_label(row['data'])} | {TITLES.get(row['objective'], row['objective'])} | "
+                     f"{row['settings']} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(folder):
+    """table.md, table.json and the MIG figures of every finished checkpoint in `folder`."""
+    if not os.path.isdir(folder):
+        raise UserError(f"--out {folder}: no such folder")
+    groups, left_out = collect(folder)
+    if not groups:
+        this = os.path.relpath(os.path.abspath(__file__))
+        raise UserError(f"{folder}: no finished checkpoints ({len(left_out)} other .pt files); train "
+                        f"them with: python {this} run --out {folder}")
+    rows = summarise(groups)
+    text = markdown(rows)
+    note = f"; not counted (unfinished, foreign or a copy): {', '.join(left_out)}" if left_out else ""
+    print(f"\n{sum(len(row['seeds']) for row in rows)} finished runs in {folder} "
+          f"(median [min, max] over seeds){note}\n\n{text}")
+    with open(os.path.join(folder, "table.md"), "w") as f:
+        f.write(text)
+    with open(os.path.join(folder, "table.json"), "w") as f:
+        json.dump({"rows": rows, "not_counted": left_out}, f, indent=1, default=str)
+    for data in dict.fromkeys(row["data"] for row in rows):
+        label, subset = data_label(data), [row for row in rows if row["data"] == data]
+        draw_strips(subset, os.path.join(folder, f"mig-{label}.png"))
+        curves = beta_curves(subset)
+        if curves:
+            draw_curves(curves, os.path.join(folder, f"mig_vs_beta-{label}.png"),
+                        f"{MIGS['mig_gaussian']} against beta on {label}: median and [min, max] over seeds")
+    print(f"wrote table.md, table.json and the MIG figures in {folder}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- figures
+
+def text_width(text, font):
+    return ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength(text, font=font)
+
+
+def centred(draw, font, x, y, text):
+    draw.text((x - text_width(text, font) / 2, y), text, fill="black", font=font)
+
+
+def ceiling_of(values):
+    """The top of the y axis: the largest value and a little more, in tenths, at least 0.1."""
+    return max(0.1, math.ceil(max(values, default=0) * 1.05 * 10) / 10)
+
+
+def axes(draw, font, left, top, width, height, ceiling, title):
+    """A title and a y axis from 0 to `ceiling` with grid lines; returns y(value) in pixels."""
+    y = lambda v: top + height - v / ceiling * height
+    draw.text((left, top - 22), title, fill="black", font=font)
     for k in range(5):
-        v = top * k / 4
-        draw.text((8, y(v) - 6), f"{v:.2f}", fill="black", font=font)
-    draw.text((width // 2 - 10, height - 20), "beta", fill="black", font=font)
-    draw.text((8, 8), title, fill="black", font=font)
-    for row, ((model, points), colour) in enumerate(zip(results.items(), ("#d95f02", "#1b9e77"))):
-        xy = [(x(b), y(points[b])) for b in sorted(points)]
-        draw.line(xy, fill=colour, width=2)
-        for px, py in xy:
-            draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
-        legend_y = 10 + 14 * row
-        draw.line([(width - 130, legend_y + 6), (width - 110, legend_y + 6)], fill=colour, width=2)
-        draw.text((width - 104, legend_y), model, fill=colour, font=font)
+        v = ceiling * k / 4
+        draw.line([(left - 4, y(v)), (left + width, y(v))], fill="black" if k == 0 else "#e4e4e4")
+        draw.text((left - 8 - text_width(f"{v:g}", font), y(v) - 6), f"{v:g}", fill="black", font=font)
+    draw.line([(left, top), (left, top + height)], fill="black")
+    return y
+
+
+def colour_of(objective):
+    return COLOURS[OBJECTIVES.index(objective) % len(COLOURS)] if objective in OBJECTIVES else "black"
+
+
+def draw_strips(rows, path, height=200, margin=50):
+    """One panel per MIG: a column per objective and setting, a point per seed, a bar at the median."""
+    font = ImageFont.load_default()
+    metrics = [m for m in MIGS if any(m in row["metrics"] for row in rows)]
+    titles = [f"{MIGS[m]} on {data_label(rows[0]['data'])}: a point per seed, a bar at the median"
+              for m in metrics]
+    labels = [[TITLES.get(row["objective"], row["objective"])] + row["settings"].split(", ") for row in rows]
+    column = max(64, max(text_width(text, font) + 12 for lines in labels for text in lines))
+    width = max(column * len(rows), max(text_width(title, font) for title in titles) - margin)
+    values = [v for row in rows for m in metrics if m in row["metrics"]
+              for v in row["metrics"][m]["values"] if v is not None]
+    ceiling, panel = ceiling_of(values), height + 64 + 13 * max(map(len, labels))
+    image = Image.new("RGB", (round(width + 2 * margin), panel * len(metrics)), "white")
+    draw = ImageDraw.Draw(image)
+    for p, (metric, title) in enumerate(zip(metrics, titles)):
+        top = p * panel + 40
+        y = axes(draw, font, margin, top, width, height, ceiling, title)
+        for c, row in enumerate(rows):
+            centre = margin + column * (c + 0.5)
+            for line, text in enumerate(labels[c]):
+                centred(draw, font, centre, top + height + 8 + 13 * line, text)
+            summary = row["metrics"].get(metric)
+            if summary is None:
+                continue
+            median = y(summary["median"])
+            draw.line([(centre - column / 4, median), (centre + column / 4, median)], fill="black", width=2)
+            points = [v for v in summary["values"] if v is not None]
+            spacing = min(8, column / 2 / len(points))
+            for i, v in enumerate(points):
+                x = centre + (i - (len(points) - 1) / 2) * spacing
+                draw.ellipse([x - 3, y(v) - 3, x + 3, y(v) + 3], fill=colour_of(row["objective"]),
+                             outline="white")
     image.save(path)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("stage", choices=("table", "curve"),
-                   help="table: 4 objectives x seeds at one beta; curve: MIG against beta, seed 0")
-    p.add_argument("--data", default="sprites", help="built-in dataset or file passed to train.py")
-    p.add_argument("--recon", default="auto", choices=("auto", "bce", "mse"),
-                   help="reconstruction loss passed to train.py")
-    p.add_argument("--out", default="runs", help="folder for checkpoints and results")
-    p.add_argument("--steps", type=int, default=5000, help="steps per run (the fixed budget)")
-    p.add_argument("--beta", type=float, default=6.0, help="beta of betavae and betatc in the table")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the table")
-    p.add_argument("--betas", type=float, nargs="+", default=[1, 2, 4, 6, 8, 10],
-                   help="betas of the curve")
-    args = p.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    results = table(args) if args.stage == "table" else curve(args)
-    with open(os.path.join(args.out, f"{args.stage}-{data_name(args.data)}.json"), "w") as f:
-        json.dump(results, f, indent=1)
+def beta_curves(rows):
+    """{label: {beta: summary of mig_gaussian}} for each objective (and setting) run at several betas."""
+    curves = {}
+    for row in rows:
+        beta = row["config"].get("beta")
+        if row["objective"] in BETA_OBJECTIVES and beta is not None and "mig_gaussian" in row["metrics"]:
+            rest = ", ".join(s for s in row["settings"].split(", ") if not s.startswith("beta "))
+            label = TITLES[row["objective"]] + (f" ({rest})" if rest else "")
+            curves.setdefault(label, {})[float(beta)] = row["metrics"]["mig_gaussian"]
+    return {label: points for label, points in curves.items() if len(points) > 1}
+
+
+def draw_curves(curves, path, title, height=320, margin=50):
+    """MIG against beta: a line through the medians per objective, a [min, max] bar at each beta."""
+    font = ImageFont.load_default()
+    legend = max(text_width(label, font) for label in curves) + 40
+    plot = max(400, text_width(title, font) - legend)
+    image = Image.new("RGB", (round(plot + legend + 2 * margin), height), "white")
+    draw = ImageDraw.Draw(image)
+    betas = sorted({b for points in curves.values() for b in points})
+    ceiling = ceiling_of([p["max"] for points in curves.values() for p in points.values()])
+    y = axes(draw, font, margin, 40, plot, height - 90, ceiling, title)
+    x = lambda b: margin + 10 + (b - betas[0]) / max(betas[-1] - betas[0], 1e-9) * (plot - 20)
+    for b in betas:
+        centred(draw, font, x(b), height - 44, number(b))
+    centred(draw, font, margin + plot / 2, height - 26, "beta")
+    for row, (label, points) in enumerate(curves.items()):
+        colour = COLOURS[(row + 2) % len(COLOURS)]
+        draw.line([(x(b), y(points[b]["median"])) for b in sorted(points)], fill=colour, width=2)
+        for b, p in points.items():
+            draw.line([(x(b), y(p["min"])), (x(b), y(p["max"]))], fill=colour)
+            draw.ellipse([x(b) - 3, y(p["median"]) - 3, x(b) + 3, y(p["median"]) + 3], fill=colour)
+        left, top = margin + plot + 20, 46 + 16 * row
+        draw.line([(left, top + 6), (left + 16, top + 6)], fill=colour, width=2)
+        draw.text((left + 22, top), label, fill=colour, font=font)
+    image.save(path)
+
+
+# ----------------------------------------------------------------------------- command line
+
+RUN_EPILOG = """examples:
+  reproduce.py run                                   # the README's table: 7 objectives x seeds 0 1 2
+  reproduce.py run --models betavae betatc --betas 1 2 4 6 8 10 --seeds 0 --steps 2500 --out runs/curve
+  reproduce.py run --data shapes --steps 3000 --workers 2 --out runs/shapes
+  reproduce.py run --set lr=1e-3,5e-4 --set factorvae:gamma=10,35 -- --device cuda
+  reproduce.py run --slurm --gres gpu:1 --time 2:00:00 --setup 'source venv/bin/activate'
+
+Every run gets the README's recipe (--arch conv --batch-size 64 --lr 1e-3 --precision auto
+--latents 10) unless --set or an option after -- says otherwise. Runs are named
+DATA-MODEL[-betaB]-seedS-STEPS[-HASH]; the hash covers the options that differ from the recipe
+(not --device, --compile or the logging options), so runs of another setting never mix."""
+
+
+def make_parser():
+    p = argparse.ArgumentParser(prog="reproduce.py", description=__doc__.split("\n")[0],
+                                epilog=__doc__.split("\n", 2)[2],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    stages = p.add_subparsers(dest="stage", required=True, metavar="{run,table,state}")
+    run = stages.add_parser(
+        "run", help="train every run of the grid that has not finished, here or as a SLURM job array",
+        description="Train every run of the grid that has not finished (N at once with --workers), "
+                    "then write the table; or, with --slurm, write a SLURM job-array script instead.",
+        usage="reproduce.py run [grid options] [--workers N | --slurm ...] [-- train.py options]",
+        epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = run.add_argument_group("the grid (every combination is one run)")
+    g.add_argument("--data", nargs="+", default=["sprites"], metavar="D",
+                   help="datasets: built-in names (sprites, shapes; options as sprites:positions=8) or "
+                        "files, as train.py --data takes them (default: sprites)")
+    g.add_argument("--models", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES), metavar="M",
+                   help=f"objectives, of {', '.join(OBJECTIVES)} (default: all)")
+    g.add_argument("--betas", nargs="+", type=float, default=[6.0], metavar="B",
+                   help="betas of betavae and betatc; the other objectives ignore beta and are not "
+                        "repeated per beta (default: 6)")
+    g.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="S", help="(default: 0 1 2)")
+    g.add_argument("--steps", type=int, default=5000, metavar="N",
+                   help="training steps of every run (default: 5000)")
+    g.add_argument("--set", action="append", default=[], metavar="[MODEL:]NAME=V1,V2",
+                   help="any other train.py option as an axis of the grid: each value multiplies the "
+                        "runs (of MODEL only, when given); repeatable, e.g. --set lr=1e-3,5e-4 "
+                        "--set factorvae:gamma=10,35. Options after a lone -- go to every run as they are")
+    g.add_argument("--out", default="runs", metavar="DIR",
+                   help="the study folder: checkpoints, logs/, the table (default: runs)")
+    g = run.add_argument_group("on this machine")
+    g.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="runs at once: on GPUs, round-robin over --gpus; on the CPU, the cores are "
+                        "divided between them (OMP_NUM_THREADS). Ctrl-C stops them all, each saving "
+                        "its checkpoint (default: 1)")
+    g.add_argument("--gpus", metavar="LIST",
+                   help="comma-separated GPU ids for the workers, e.g. 0,1,2,3 (default: those in "
+                        "CUDA_VISIBLE_DEVICES, else every GPU torch sees)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="list every run, its state and command; train nothing")
+    g = run.add_argument_group("on a SLURM cluster")
+    g.add_argument("--slurm", action="store_true",
+                   help="write DIR/NAME.sbatch, a job array of one train.py run per task, and print "
+                        "the sbatch command, instead of training here")
+    g.add_argument("--job-name", default="study", metavar="NAME", help="(default: study)")
+    g.add_argument("--time", help="time limit per run, e.g. 2:00:00 (a run stopped at its limit saves "
+                                  "its checkpoint and resumes when the script is submitted again)")
+    g.add_argument("--cpus-per-task", metavar="N", help="CPU cores per run (also its OMP_NUM_THREADS)")
+    g.add_argument("--mem", help="memory per run, e.g. 16G")
+    g.add_argument("--gres", help="generic resources per run, e.g. gpu:1")
+    g.add_argument("--partition", help="the partition (queue)")
+    g.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
+                   help="any other #SBATCH line, e.g. --sbatch account=lab; repeatable")
+    g.add_argument("--setup", action="append", default=[], metavar="COMMAND",
+                   help="a shell line run before training, e.g. 'module load cuda' or "
+                        "'source venv/bin/activate'; repeatable")
+    table = stages.add_parser(
+        "table", help="the table and MIG figures of every finished checkpoint in --out",
+        description="Aggregate every finished checkpoint in the study folder into table.md, table.json, "
+                    "mig-DATA.png (and mig_vs_beta-DATA.png where an objective has several betas). "
+                    "Trains nothing.")
+    table.add_argument("--out", default="runs", metavar="DIR", help="the study folder (default: runs)")
+    state = stages.add_parser("state", help="print finished, unfinished or missing for one checkpoint "
+                                            "(what the SLURM script asks before each run)")
+    state.add_argument("checkpoint")
+    return p
+
+
+def parse_args(argv):
+    """(args, the train.py options after a lone --); bad arguments exit 2 with one line."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv[:split])
+    if args.stage != "run":
+        if argv[split:]:
+            parser.error(f"options after -- are for the run stage, not {args.stage}")
+        return args, {}
+    try:
+        passthrough = parse_passthrough(argv[split + 1:])
+        check_options(passthrough, "options after --")
+        args.set = [parse_axis(text) for text in args.set]
+        check_options([name for _, name, _ in args.set], "--set")
+    except ValueError as error:
+        parser.error(str(error))
+    for scope, name, _ in args.set:
+        if scope and scope not in args.models:
+            parser.error(f"--set {scope}:{name}=...: {scope} is not among --models")
+    if args.workers < 1 or args.steps < 1 or min(args.betas) < 0:
+        parser.error("--workers and --steps must be positive, --betas >= 0")
+    return args, passthrough
+
+
+def main(argv=None):
+    args, passthrough = parse_args(argv)
+    try:
+        if args.stage == "state":
+            print(run_state(args.checkpoint))
+            return 0
+        if args.stage == "table":
+            return write_table(args.out)
+        runs = grid(args, passthrough)
+        return write_slurm(args, runs) if args.slurm else run_study(args, runs)
+    except (UserError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
