@@ -39,6 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import data  # noqa: E402
 import metrics  # noqa: E402
+import train  # noqa: E402  (its ArgumentParser: a bad argument is one line)
 
 DISENTANGLED = ("perfect", "monotone")
 ENTANGLED = ("rotated", "split", "two-in-1", "mixed", "noise")
@@ -142,8 +143,9 @@ def markdown(table, verdict):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = train.ArgumentParser(prog="metric_properties.py", description=__doc__.split("\n")[0],
+                             epilog=__doc__.split("\n", 1)[1],
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="sprites:positions=16,orientations=20",
                    help="built-in sprites grid whose factors the codes are built from (default: %(default)s, "
                         "92,160 rows; plain 'sprites' is the full 737,280)")

@@ -36,6 +36,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+import train  # noqa: E402  (its ArgumentParser: a bad argument is one line, exit code 2)
 TRAIN = os.path.normpath(os.path.join(HERE, os.pardir, "train.py"))
 OBJECTIVES = ("ae", "vae", "betavae", "betatc", "factorvae", "dipvae1", "dipvae2")
 TITLES = {"ae": "AE", "vae": "VAE", "betavae": "beta-VAE", "betatc": "beta-TCVAE",
@@ -629,7 +631,7 @@ DATA-MODEL[-betaB]-seedS-STEPS[-HASH]; the hash covers the options that differ f
 
 
 def make_parser():
-    p = argparse.ArgumentParser(prog="reproduce.py", description=__doc__.split("\n")[0],
+    p = train.ArgumentParser(prog="reproduce.py", description=__doc__.split("\n")[0],
                                 epilog=__doc__.split("\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     stages = p.add_subparsers(dest="stage", required=True, metavar="{run,table,state}")
