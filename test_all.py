@@ -13,7 +13,9 @@ import subprocess
 import sys
 import tarfile
 import time
+import warnings
 import zipfile
+import zlib
 from collections import Counter
 
 import numpy as np
@@ -71,6 +73,30 @@ def test_model_rejects_bad_sizes():
     with pytest.raises(ValueError, match="channels"):
         models.build_model("conv", channels=2)
     assert models.build_model("mlp", size=32)(torch.rand(2, 1, 32, 32))[0].shape == (2, 1, 32, 32)
+    with pytest.raises(ValueError, match="arch='mlp'") as error:
+        models.build_model("conv", size=32)
+    assert "--" not in str(error.value)  # a leaf names its own arguments, not the CLI's flags
+    with pytest.raises(ValueError, match="latents"):
+        models.build_discriminator(0)
+
+
+def test_discriminator_follows_kim_and_mnih():
+    torch.manual_seed(0)
+    discriminator = models.build_discriminator(latents=7)
+    layers = list(discriminator)
+    linears = [m for m in layers if isinstance(m, torch.nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in linears] == [(7, 1000)] + [(1000, 1000)] * 5 + [(1000, 2)]
+    activations = [m for m in layers if not isinstance(m, torch.nn.Linear)]
+    assert len(activations) == 6 and all(isinstance(m, torch.nn.LeakyReLU) and m.negative_slope == 0.2
+                                          for m in activations)
+    assert isinstance(layers[-1], torch.nn.Linear)  # logits out, no activation after the last layer
+    # 7 * 1000 + 1000, then 5 * (1000 * 1000 + 1000), then 1000 * 2 + 2, counted by hand
+    assert sum(p.numel() for p in discriminator.parameters()) == 8_000 + 5_005_000 + 2_002
+    z = torch.randn(5, 7, requires_grad=True)
+    logits = discriminator(z)
+    assert logits.shape == (5, 2)
+    (logits[:, 0] - logits[:, 1]).sum().backward()
+    assert z.grad is not None and z.grad.abs().sum() > 0  # the VAE's TC term reaches the encoder
 
 
 # ----------------------------------------------------------------------------- losses (float64 references)
@@ -105,6 +131,19 @@ def reference_tc(z, mu, logvar, n, estimator):
     return log_qzx - log_qz, log_qz - log_prod, log_prod - log_pz
 
 
+def reference_tc_torch(z, mu, logvar, n, estimator):
+    """reference_tc in float64 torch, for autograd; the difference scaled before squaring."""
+    def log_normal(x, m, lv):
+        return -0.5 * (math.log(2 * math.pi) + lv + ((x - m) * torch.exp(-0.5 * lv)) ** 2)
+    L = log_normal(z[:, None, :], mu[None, :, :], logvar[None, :, :])  # (B, B, D)
+    log_w = torch.tensor(np.log(reference_weights(len(z), n, estimator)))
+    log_qz = torch.logsumexp(log_w + L.sum(2), dim=1)
+    log_prod = torch.logsumexp(log_w[:, :, None] + L, dim=1).sum(1)
+    log_qzx = log_normal(z, mu, logvar).sum(1)
+    log_pz = log_normal(z, torch.zeros_like(z), torch.zeros_like(z)).sum(1)
+    return log_qzx - log_qz, log_qz - log_prod, log_prod - log_pz
+
+
 def random_posterior(batch=12, dims=5, seed=0):
     rng = np.random.default_rng(seed)
     mu = rng.normal(size=(batch, dims))
@@ -124,12 +163,9 @@ def test_tc_terms_match_reference(estimator):
 
 
 @pytest.mark.parametrize("estimator", ["mws", "mss"])
-def test_tc_gradients_match_autograd_reference(estimator):
+def test_tc_gradients_match_finite_differences(estimator):
     z, mu, logvar = (torch.tensor(a, requires_grad=True) for a in random_posterior(6, 3, seed=1))
-    log_w = losses.log_importance_weights(6, 50, estimator).double()
-    log_w = log_w[0, 0] if estimator == "mws" else log_w
-    assert torch.autograd.gradcheck(
-        lambda a, b, c: losses._BatchLogDensities.apply(a, b, c, log_w), (z, mu, logvar))
+    assert torch.autograd.gradcheck(lambda a, b, c: losses.tc_terms(a, b, c, 50, estimator), (z, mu, logvar))
 
 
 def test_mss_weights_rows_sum_to_one_with_diagonal_one_over_n():
@@ -157,26 +193,118 @@ def test_recon_and_kl_match_reference():
                                rtol=1e-4, atol=1e-6)
 
 
+def reference_dip(mu, logvar=None):
+    """Kumar et al.'s Cov_p(x)[mu(x)] (+ E[diag exp(logvar)]) by numpy's 1/B covariance: (off, diagonal)."""
+    c = np.cov(mu, rowvar=False, bias=True)
+    if logvar is not None:
+        c = c + np.diag(np.exp(logvar).mean(0))
+    return (c ** 2).sum() - (np.diag(c) ** 2).sum(), ((np.diag(c) - 1) ** 2).sum()
+
+
 @pytest.mark.parametrize("name", losses.OBJECTIVES)
 @pytest.mark.parametrize("estimator", ["mws", "mss"])
 def test_objectives_match_reference(name, estimator):
     rng = np.random.default_rng(3)
     z, mu, logvar = random_posterior(10, 4, seed=3)
     logits, x = rng.normal(size=(10, 1, 8, 8)), (rng.random((10, 1, 8, 8)) > 0.5).astype(float)
+    tc_logits = rng.normal(size=(10, 2)) * 3
     p = 1 / (1 + np.exp(-logits))
     recon = -(x * np.log(p) + (1 - x) * np.log(1 - p)).reshape(10, -1).sum(1)
     kl = (0.5 * (mu ** 2 + np.exp(logvar) - 1 - logvar)).sum(1)
     mi, tc, dwkl = reference_tc(z, mu, logvar, 500, estimator)
-    beta, alpha, gamma = 3.0, 0.5, 2.0
+    factor_tc = tc_logits[:, 0] - tc_logits[:, 1]  # log D / (1 - D), D the softmax's class 0
+    dip1, dip2 = reference_dip(mu), reference_dip(mu, logvar)
+    beta, alpha, gamma, lambda_od, lambda_d = 3.0, 0.5, 2.0, 4.0, 7.0
     expected = {"ae": recon.mean(), "vae": (recon + kl).mean(), "betavae": (recon + beta * kl).mean(),
-                "betatc": (recon + alpha * mi + beta * tc + gamma * dwkl).mean()}[name]
+                "betatc": (recon + alpha * mi + beta * tc + gamma * dwkl).mean(),
+                "factorvae": (recon + kl + gamma * factor_tc).mean(),
+                "dipvae1": (recon + kl).mean() + lambda_od * dip1[0] + lambda_d * dip1[1],
+                "dipvae2": (recon + kl).mean() + lambda_od * dip2[0] + lambda_d * dip2[1]}[name]
     t = [torch.tensor(a) for a in (x, logits, mu, logvar, z)]
     loss, terms = losses.objective(name, *t, beta=beta, alpha=alpha, gamma=gamma, dataset_size=500,
-                                   estimator=estimator)
+                                   estimator=estimator, lambda_od=lambda_od, lambda_d=lambda_d,
+                                   tc_logits=torch.tensor(tc_logits))
     assert loss.dtype == torch.float32 and abs(loss.item() - expected) < 1e-4 * max(1, abs(expected))
     assert abs(terms["recon"] - recon.mean()) < 1e-3 and abs(terms["kl"] - kl.mean()) < 1e-4
-    if name == "betatc":
-        assert abs(terms["tc"] - tc.mean()) < 1e-4 and abs(terms["mi"] - mi.mean()) < 1e-4
+    if name == "betatc":  # logged without the mws estimator's constants (0 for mss)
+        n_log = math.log(500) if estimator == "mws" else 0.0
+        assert abs(terms["mi"] - (mi.mean() - n_log)) < 1e-4 and abs(terms["tc"] - (tc.mean() - 3 * n_log)) < 1e-4
+        assert abs(terms["dwkl"] - (dwkl.mean() + 4 * n_log)) < 1e-4
+    if name == "factorvae":
+        assert abs(terms["tc"] - factor_tc.mean()) < 1e-5
+    if name.startswith("dipvae"):
+        assert abs(terms["dip"] - sum(dip1 if name == "dipvae1" else dip2)) < 1e-5
+    extra = {"ae": set(), "vae": set(), "betavae": set(), "betatc": {"mi", "tc", "dwkl"},
+             "factorvae": {"tc"}, "dipvae1": {"dip"}, "dipvae2": {"dip"}}[name]
+    assert set(terms) == {"recon", "kl"} | extra
+
+
+def test_objective_defaults_follow_the_papers():
+    """gamma 35 (Kim & Mnih); lambda_od 10 with lambda_d = 10 lambda_od (DIP-VAE-I) or = lambda_od (II)."""
+    z, mu, logvar = (torch.tensor(a, dtype=torch.float32) for a in random_posterior(8, 3, seed=4))
+    x, logits = torch.zeros(8, 1, 4, 4), torch.zeros(8, 1, 4, 4)
+    tc_logits = torch.randn(8, 2, generator=torch.Generator().manual_seed(0))
+
+    def loss(name, **hyper):
+        return losses.objective(name, x, logits, mu, logvar, z, tc_logits=tc_logits, **hyper)[0].item()
+
+    assert loss("factorvae") == loss("factorvae", gamma=35.0) != loss("factorvae", gamma=1.0)
+    assert loss("dipvae1") == loss("dipvae1", lambda_od=10.0, lambda_d=100.0)
+    assert loss("dipvae2") == loss("dipvae2", lambda_od=10.0, lambda_d=10.0)
+    assert loss("dipvae1", lambda_od=2.0) == loss("dipvae1", lambda_od=2.0, lambda_d=20.0)
+    assert loss("dipvae2", lambda_od=2.0) == loss("dipvae2", lambda_od=2.0, lambda_d=2.0)
+    assert losses.DISCRIMINATOR_LR == 1e-4 and losses.DISCRIMINATOR_BETAS == (0.5, 0.9)
+
+
+def test_objective_errors_name_the_missing_argument():
+    z, mu, logvar = (torch.tensor(a, dtype=torch.float32) for a in random_posterior(4, 3))
+    x = torch.zeros(4, 1, 4, 4)
+    with pytest.raises(ValueError, match="tc_logits"):
+        losses.objective("factorvae", x, x, mu, logvar, z)
+    with pytest.raises(ValueError, match=r"tc_logits must have shape \(B, 2\), got \(4, 3\)"):
+        losses.objective("factorvae", x, x, mu, logvar, z, tc_logits=torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="3 rows for a batch of 4"):
+        losses.objective("factorvae", x, x, mu, logvar, z, tc_logits=torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="dataset_size"):
+        losses.objective("betatc", x, x, mu, logvar, z)
+    with pytest.raises(ValueError, match="at least 2"):
+        losses.objective("dipvae1", x[:1], x[:1], mu[:1], logvar[:1], z[:1])
+    with pytest.raises(ValueError, match="factorvae, dipvae1, dipvae2"):
+        losses.objective("dipvae3", x, x, mu, logvar, z)
+
+
+@pytest.mark.parametrize("estimator", ["mws", "mss"])
+def test_betatc_logs_zero_terms_for_a_collapsed_model(estimator):
+    """q(z|x) = p(z) for every x: MI, TC and DWKL are 0; the logged terms must be, the loss unchanged.
+
+    Tolerance 2e-3 nats: the float32 terms are differences of sums of magnitude
+    D (log 2 pi + z^2) / 2 + D log(B N), about 200 nats here, each carrying a relative rounding
+    error of a few float32 epsilons (6e-8) per operation over some tens of operations.
+    """
+    batch, dims, n = 32, 10, 737_280
+    noise = torch.randn(batch, dims, generator=torch.Generator().manual_seed(1))
+    mu, logvar = torch.zeros(batch, dims, requires_grad=True), torch.zeros(batch, dims, requires_grad=True)
+    z = mu + noise * torch.exp(0.5 * logvar)
+    x, logits = torch.zeros(batch, 1, 4, 4), torch.zeros(batch, 1, 4, 4)
+    loss, terms = losses.objective("betatc", x, logits, mu, logvar, z, beta=6.0, dataset_size=n,
+                                   estimator=estimator)
+    for name in ("mi", "tc", "dwkl"):
+        assert abs(terms[name]) < 2e-3, (name, terms[name])
+    # the estimator as published keeps its constants (known answer for mws: log N, 9 log N, -10 log N)
+    raw = [t.mean().item() for t in losses.tc_terms(z, mu, logvar, n, estimator)]
+    offsets = [math.log(n), 9 * math.log(n), -10 * math.log(n)] if estimator == "mws" else [0, 0, 0]
+    np.testing.assert_allclose(raw, offsets, atol=2e-3)
+    assert losses.estimator_offsets(estimator, n, dims) == pytest.approx(offsets, abs=1e-9)
+    # the loss and its gradient are those of Chen et al.'s terms, constants included, in float64
+    loss.backward()
+    mu64, logvar64 = torch.zeros(batch, dims, dtype=torch.float64, requires_grad=True), torch.zeros(
+        batch, dims, dtype=torch.float64, requires_grad=True)
+    mi, tc, dwkl = reference_tc_torch(mu64 + noise.double() * torch.exp(0.5 * logvar64), mu64, logvar64, n, estimator)
+    expected = 16 * math.log(2) + (mi + 6 * tc + dwkl).mean()
+    expected.backward()
+    assert abs(loss.item() - expected.item()) < 2e-3
+    np.testing.assert_allclose(mu.grad.numpy(), mu64.grad.numpy(), atol=1e-5)
+    np.testing.assert_allclose(logvar.grad.numpy(), logvar64.grad.numpy(), atol=1e-5)
 
 
 def test_capacity_schedule():
@@ -191,12 +319,20 @@ def test_capacity_schedule():
         assert abs(loss.item() - (recon + 1000 * abs(kl - target))) < 1e-2
 
 
-def test_losses_are_float32_under_autocast():
+@pytest.mark.parametrize("name", losses.OBJECTIVES)
+def test_losses_are_float32_under_autocast(name):
     z, mu, logvar = (torch.tensor(a, dtype=torch.bfloat16) for a in random_posterior(8, 3))
+    tc_logits, x, spread = torch.randn(8, 2).bfloat16(), torch.rand(8, 1, 4, 4), mu * 100
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, _ = losses.objective("betatc", torch.rand(8, 1, 4, 4), torch.zeros(8, 1, 4, 4,
-                                   dtype=torch.bfloat16), mu, logvar, z, dataset_size=100)
-    assert loss.dtype == torch.float32
+        loss, terms = losses.objective(name, x, torch.zeros(8, 1, 4, 4, dtype=torch.bfloat16), mu, logvar, z,
+                                       dataset_size=100, tc_logits=tc_logits)
+        d_loss = losses.discriminator_loss(tc_logits, tc_logits.flip(0))
+        off_diagonal, diagonal = losses.dip_terms(spread, logvar)
+    assert loss.dtype == d_loss.dtype == off_diagonal.dtype == torch.float32
+    # the covariance's matrix product stays in float32 (in bf16 it is off by about 1e-3 relative)
+    exact = losses.dip_terms(spread.float(), logvar.float())
+    assert abs(off_diagonal.item() - exact[0].item()) < 1e-5 * exact[0].item()
+    assert abs(diagonal.item() - exact[1].item()) < 1e-5 * exact[1].item()
 
 
 @pytest.mark.parametrize("estimator", ["mws", "mss"])
@@ -213,10 +349,1083 @@ def test_tc_log_densities_survive_underflow(estimator):
     for g, e in zip(got, expected):
         assert torch.isfinite(g).all()
         np.testing.assert_allclose(g.double().detach().numpy(), e, rtol=1e-3, atol=1e-2)
-    log_w = losses.log_importance_weights(6, 100, estimator).double()
-    log_w = log_w[0, 0] if estimator == "mws" else log_w
-    assert torch.autograd.gradcheck(lambda a, b, c: losses._BatchLogDensities.apply(a, b, c, log_w),
-                                    (z, mu, logvar))
+    assert torch.autograd.gradcheck(lambda a, b, c: losses.tc_terms(a, b, c, 100, estimator), (z, mu, logvar))
+
+
+def test_log_normal_is_finite_for_any_finite_logvar():
+    """x == mu: log N = -(log 2 pi + logvar) / 2 exactly, gradients 0, 0, -1/2, however small sigma is."""
+    for value in (-80.0, -89.0, -200.0, -400.0, -1e30):
+        mu = torch.tensor([0.3, -1.7], requires_grad=True)
+        x, logvar = mu.detach().clone().requires_grad_(), torch.full((2,), value, requires_grad=True)
+        got = losses.log_normal(x, mu, logvar)
+        np.testing.assert_allclose(got.detach().double().numpy(), -0.5 * (math.log(2 * math.pi) + value), rtol=1e-6)
+        got.sum().backward()
+        assert x.grad.tolist() == mu.grad.tolist() == [0.0, 0.0] and logvar.grad.tolist() == [-0.5, -0.5]
+    # far from the mean at a tiny variance: -inf (the float64 value, -0.5 e^200, is beyond float32), not NaN
+    far = losses.log_normal(torch.tensor(1.0), torch.tensor(0.0), torch.tensor(-200.0))
+    assert far.item() == -math.inf
+    # an ordinary variance: the density's closed form
+    assert abs(losses.log_normal(torch.tensor(1.5), torch.tensor(0.5), torch.tensor(math.log(4.0))).item()
+               - (-0.5 * math.log(2 * math.pi * 4) - 1 / 8)) < 1e-6
+
+
+@pytest.mark.parametrize("estimator", ["mws", "mss"])
+@pytest.mark.parametrize("value", [-80.0, -89.0, -95.0, -200.0])
+def test_tc_terms_and_gradients_at_tiny_variances(estimator, value):
+    """float32 exp(-logvar) overflows below -88.7 and (z - mu)^2 * inf is NaN where z == mu.
+
+    The float32 estimate and its gradients must equal a float64 reference computed from the same
+    float32 inputs (where z == mu exactly, as z = mu + eps sigma rounds to at such sigma).
+    """
+    generator = torch.Generator().manual_seed(5)
+    mu = torch.randn(8, 3, generator=generator)
+    logvar = torch.full((8, 3), value)
+    logvar[:, 0] = -2.0  # one ordinary latent beside the collapsed ones
+    z = mu + torch.randn(8, 3, generator=generator) * torch.exp(0.5 * logvar)
+    weights = torch.randn(3, 8, generator=generator, dtype=torch.float64)  # a random linear combination
+
+    def values_and_gradients(tc_terms, dtype):
+        inputs = [t.detach().to(dtype).requires_grad_() for t in (z, mu, logvar)]
+        terms = tc_terms(*inputs, 1000, estimator)
+        sum((w.to(dtype) * t).sum() for w, t in zip(weights, terms)).backward()
+        return [t.detach().double() for t in terms] + [t.grad.double() for t in inputs]
+
+    got = values_and_gradients(losses.tc_terms, torch.float32)
+    expected = values_and_gradients(reference_tc_torch, torch.float64)
+    for name, g, e in zip(("mi", "tc", "dwkl", "dz", "dmu", "dlogvar"), got, expected):
+        assert torch.isfinite(e).all() and torch.isfinite(g).all(), name
+        np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-4, atol=1e-3, err_msg=name)
+
+
+def test_dip_terms_match_reference_and_a_hand_computed_case():
+    z, mu, logvar = random_posterior(9, 4, seed=6)
+    for with_logvar in (False, True):
+        got = losses.dip_terms(torch.tensor(mu), torch.tensor(logvar) if with_logvar else None)
+        np.testing.assert_allclose([g.item() for g in got], reference_dip(mu, logvar if with_logvar else None),
+                                   rtol=1e-5)
+    # means (1, 2), (-1, 0): Cov = [[1, 1], [1, 1]] with the 1/B estimator (1/(B-1) would give 2s),
+    # so the off-diagonal sum is 1 + 1 and the diagonal one 0; variances e^0 = 1 add 1 to the diagonal
+    mu = torch.tensor([[1.0, 2.0], [-1.0, 0.0]])
+    assert [t.item() for t in losses.dip_terms(mu)] == [2.0, 0.0]
+    assert [t.item() for t in losses.dip_terms(mu, torch.zeros(2, 2))] == [2.0, 2.0]
+
+
+def test_permute_dims_keeps_columns_and_breaks_rows():
+    z = torch.randn(64, 5, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    permuted = losses.permute_dims(z, torch.Generator().manual_seed(1))
+    assert permuted.shape == z.shape and permuted.dtype == z.dtype
+    assert torch.equal(permuted.sort(0).values, z.sort(0).values)  # every column keeps its values
+    rows = {tuple(row) for row in z.tolist()}
+    kept = sum(tuple(row) in rows for row in permuted.tolist())
+    assert kept <= 2  # the joint is broken: a row survives with chance about 1/64^4 (and one 1/64 for all)
+    assert all((permuted[:, d] != z[:, d]).sum() > 50 for d in range(5))  # each column moved on its own
+    assert not torch.equal(permuted[:, 0].argsort(), permuted[:, 1].argsort())
+    again = losses.permute_dims(z, torch.Generator().manual_seed(1))
+    other = losses.permute_dims(z, torch.Generator().manual_seed(2))
+    assert torch.equal(again, permuted) and not torch.equal(other, permuted)
+    weights = torch.randn(64, 5)
+    (permuted * weights).sum().backward()  # a permutation: each z entry gets its new position's weight
+    assert torch.equal(z.grad.sort(0).values, weights.sort(0).values)
+
+
+def test_discriminator_loss_and_accuracy_by_hand():
+    joint = torch.tensor([[2.0, 0.0], [0.0, 1.0]])  # right, wrong
+    permuted = torch.tensor([[0.0, 1.0], [3.0, 3.0]])  # right, a tie (wrong)
+    # cross-entropy of class 0 for (2, 0): log(1 + e^-2); of class 1 for (0, 1): log(1 + e^-1); ...
+    ce_joint = (math.log(1 + math.exp(-2)) + math.log(1 + math.exp(1))) / 2
+    ce_permuted = (math.log(1 + math.exp(-1)) + math.log(2)) / 2
+    loss = losses.discriminator_loss(joint, permuted)
+    assert loss.dtype == torch.float32 and abs(loss.item() - 0.5 * (ce_joint + ce_permuted)) < 1e-6
+    assert losses.discriminator_accuracy(joint, permuted).item() == 0.5
+    # a bigger random case against a float64 log-softmax written out
+    rng = np.random.default_rng(7)
+    a, b = rng.normal(size=(16, 2)) * 3, rng.normal(size=(12, 2)) * 3
+    def ce(logits, k):
+        return (reference_logsumexp(logits, axis=1) - logits[:, k]).mean()
+    got = losses.discriminator_loss(torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32))
+    assert abs(got.item() - 0.5 * (ce(a, 0) + ce(b, 1))) < 1e-5
+    assert losses.discriminator_accuracy(torch.tensor(a), torch.tensor(b)).item() == pytest.approx(
+        ((a[:, 0] > a[:, 1]).sum() + (b[:, 1] > b[:, 0]).sum()) / 28)
+    with pytest.raises(ValueError, match="logits_permuted must have shape"):
+        losses.discriminator_loss(joint, torch.zeros(3))
+
+
+def test_factorvae_gradients_reach_the_encoder_not_the_discriminator_update():
+    torch.manual_seed(0)
+    discriminator = models.build_discriminator(3)
+    mu = torch.randn(16, 3, requires_grad=True)
+    z = mu + 0.1 * torch.randn(16, 3)
+    x, logits = torch.zeros(16, 1, 4, 4), torch.zeros(16, 1, 4, 4)
+    loss, terms = losses.objective("factorvae", x, logits, mu, torch.zeros(16, 3), z,
+                                   tc_logits=discriminator(z), gamma=10.0)
+    vae_only, _ = losses.objective("vae", x, logits, mu, torch.zeros(16, 3), z)
+    tc_grad = torch.autograd.grad(loss - vae_only, mu)[0]
+    assert tc_grad.abs().sum() > 0  # the TC term pulls on the codes through the discriminator
+    joint = z.detach()
+    d_loss = losses.discriminator_loss(discriminator(joint), discriminator(losses.permute_dims(joint)))
+    d_loss.backward()
+    assert mu.grad is None and all(p.grad is not None for p in discriminator.parameters())
+
+
+# ----------------------------------------------------------------------------- data: readers and built-ins
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+
+
+def car_im(k):  # as fixtures/make_fixtures.py
+    h, w, c, a, e = np.indices((16, 16, 3, 24, 4))
+    return ((h * 7 + w * 13 + c * 50 + a * 9 + e * 31 + k * 17) % 256).astype(np.uint8)
+
+
+def face_grid():  # as fixtures/make_fixtures.py
+    return (np.arange(2 * 3 * 2 * 2 * 8 * 8) * 7 % 251).astype(np.uint8).reshape(2, 3, 2, 2, 8, 8)
+
+
+def expected_cars(ims):
+    """The cars3d layout: rows in C order over (elevation, azimuth, object), LANCZOS to 64x64."""
+    out = np.empty((ims[0].shape[4], ims[0].shape[3], len(ims), 64, 64, 3), np.uint8)
+    for o, im in enumerate(ims):
+        for e, a in itertools.product(range(im.shape[4]), range(im.shape[3])):
+            view = Image.fromarray(np.ascontiguousarray(im[:, :, :, a, e]))
+            out[e, a, o] = np.asarray(view.resize((64, 64), Image.LANCZOS))
+    return out.reshape(-1, 64, 64, 3)
+
+
+def mat_v5(variables, order="<"):
+    """A hand-written, uncompressed MATLAB v5 file: [(name, array, class code, stored dtype)]."""
+    def element(kind, payload):
+        if len(payload) <= 4:  # small data element format
+            return struct.pack(order + "I", (len(payload) << 16) | kind) + payload.ljust(4, b"\0")
+        return struct.pack(order + "II", kind, len(payload)) + payload + b"\0" * (-len(payload) % 8)
+    kinds = {"u1": 2, "i2": 3, "i4": 5, "f8": 9}
+    out = b"MATLAB 5.0 MAT-file, written by test_data.py".ljust(116) + bytes(8)
+    out += struct.pack(order + "H", 0x0100) + (b"IM" if order == "<" else b"MI")
+    for name, array, mclass, stored in variables:
+        body = element(6, struct.pack(order + "II", mclass, 0))
+        body += element(5, np.array(array.shape, order + "i4").tobytes())
+        body += element(1, name.encode())
+        body += element(kinds[stored], array.astype(order + stored).tobytes(order="F"))
+        out += struct.pack(order + "II", 14, len(body)) + body
+    return out
+
+
+def save_png(path, array):
+    Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(path, format="PNG")
+
+
+def rng_images(n, h, w, c, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, c), dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------------------------
+# built-ins
+
+def test_sprites_factor_table_and_format():
+    ds = data.load("sprites:positions=2,orientations=3,scales=2")
+    assert ds.factor_names == ["shape", "scale", "orientation", "posX", "posY"]
+    assert ds.factor_sizes == [3, 2, 3, 2, 2]
+    assert ds.factors.dtype == np.int64
+    assert ds.factors.tolist() == [list(p) for p in itertools.product(range(3), range(2), range(3), range(2), range(2))]
+    assert ds.images.dtype == np.uint8 and ds.images.shape == (72, 64, 64, 1)
+    assert set(np.unique(ds.images)) == {0, 255}
+    assert np.array_equal(ds.images, data.load("sprites", positions=2, orientations=3, scales=2).images)
+
+
+def test_sprites_geometry():
+    ds = data.load("sprites", positions=8, orientations=4)  # orientations 0, 90, 180, 270 degrees
+    im = ds.images.reshape(3, 6, 4, 8, 8, 64, 64)
+
+    def extent(mask):
+        r, c = np.nonzero(mask)
+        return r.max() - r.min() + 1, c.max() - c.min() + 1, r.mean(), c.mean()
+    h, w, _, _ = extent(im[0, 5, 0, 3, 3])
+    assert 17 <= h <= 21 and 17 <= w <= 21  # square side ~19 at scale 1
+    h_half, _, _, _ = extent(im[0, 0, 0, 3, 3])
+    assert abs(h_half - h / 2) <= 2  # sizes proportional to scale
+    h, w, _, _ = extent(im[1, 5, 0, 3, 3])
+    assert w > h and 24 <= w <= 28 and 12 <= h <= 16  # ellipse 13 x 7 semi-axes, long axis horizontal
+    h, w, _, _ = extent(im[1, 5, 1, 3, 3])
+    assert h > w  # turned by 90 degrees
+    _, w, _, _ = extent(im[2, 5, 0, 3, 3])
+    assert 16 <= w <= 20  # heart ~18 px across
+    centres = [extent(im[0, 5, 0, x, 0])[2:] for x in range(8)]
+    cols = [c for _, c in centres]
+    assert abs(cols[0] - 16) <= 1 and abs(cols[-1] - 48) <= 1 and np.all(np.diff(cols) > 0)
+    assert len({r for r, _ in centres}) == 1  # posX leaves the rows alone
+    rows = [extent(im[0, 5, 0, 0, y])[2] for y in range(8)]
+    assert abs(rows[0] - 16) <= 1 and abs(rows[-1] - 48) <= 1 and np.all(np.diff(rows) > 0)
+
+
+def test_sprites_heart_area_matches_published_dsprites():
+    # heart pixels in published dSprites: 55-57, 112 and 145 at scale classes 0, 2 and 3 (scales
+    # np.linspace(0.5, 1, 6)), i.e. about 227 px x scale^2
+    ds = data.load("sprites", positions=1, orientations=40)
+    area = (ds.images.reshape(3, 6, 40, 64 * 64) > 0).sum(-1).mean(-1)[2]  # mean over orientations
+    assert all(abs(area[k] / want - 1) <= 0.05 for k, want in {0: 56, 2: 112, 3: 145}.items())
+    assert np.all(abs(area / (227 * np.linspace(0.5, 1, 6) ** 2) - 1) <= 0.05)
+
+
+def test_sprites_medium_grid_timing_note():
+    start = time.time()
+    ds = data.load("sprites:positions=8")
+    print(f"\nnote: sprites with 8x8 positions ({len(ds)} images) in {time.time() - start:.2f} s")
+    assert ds.factor_sizes == [3, 6, 40, 8, 8]
+
+
+def test_shapes():
+    ds = data.load("shapes:hues=3,orientations=3,scales=2")
+    assert ds.factor_names == ["floor_hue", "wall_hue", "object_hue", "scale", "shape", "orientation"]
+    assert ds.factor_sizes == [3, 3, 3, 2, 4, 3]
+    assert ds.images.shape == (3 * 3 * 3 * 2 * 4 * 3, 64, 64, 3) and ds.images.dtype == np.uint8
+    assert ds.factors.tolist() == [list(p) for p in itertools.product(*map(range, ds.factor_sizes))]
+    for row in range(0, len(ds), 7):
+        floor_hue, wall_hue = ds.factors[row, :2] / 3
+        for (y, x), hue in (((63, 0), floor_hue), ((2, 2), wall_hue)):
+            got = colorsys.rgb_to_hsv(*(ds.images[row, y, x] / 255.0))[0]
+            assert min(abs(got - hue), 1 - abs(got - hue)) < 0.02
+    im = ds.images.reshape(3, 3, 3, 2, 4, 3, 64, 64, 3)
+    for shape in range(4):  # the object's centre takes the object hue
+        assert not np.array_equal(im[0, 0, 0, 0, shape, 1, 47, 32], im[0, 0, 1, 0, shape, 1, 47, 32])
+        assert not np.array_equal(im[0, 0, 0, 0, shape, 0], im[0, 0, 0, 0, shape, 2])  # orientation
+        assert not np.array_equal(im[0, 0, 0, 0, shape, 1], im[0, 0, 0, 1, shape, 1])  # scale
+
+
+def test_builtin_options_and_names():
+    with pytest.raises(DataError, match="positions"):
+        data.load("sprites:colour=3")
+    with pytest.raises(DataError, match="hues"):
+        data.load("shapes", colour=3)
+    with pytest.raises(DataError, match="positions"):
+        data.load("sprites:positions=100")
+    for bad in ("sprites:positions=many", "sprites:positions=inf", "sprites:positions=nan", "sprites:scales=2.5"):
+        with pytest.raises(DataError, match="must be a whole number in 1"):
+            data.load(bad)
+    with pytest.raises(DataError, match=r"positions='8x' must be a whole number in 1\.\.32"):
+        data.load("sprites", positions="8x")
+    with pytest.raises(DataError, match="option 'scales' is not key=value"):
+        data.load("sprites:positions=2,scales")
+    with pytest.raises(DataError, match="built-in.*sprites.*must exist"):
+        data.load("spritez")
+    assert data.load("sprites:positions=1,orientations=1,scales=1,shapes=1").factors.shape == (1, 0)
+
+
+def test_limit_takes_a_sorted_random_subset():
+    full = data.load("sprites:positions=2,orientations=2,scales=2")
+    part = data.load("sprites:positions=2,orientations=2,scales=2", limit=10, seed=3)
+    rows = np.sort(np.random.default_rng(3).choice(len(full), 10, replace=False))
+    assert np.array_equal(part.images, full.images[rows]) and np.array_equal(part.factors, full.factors[rows])
+    assert len(data.load("sprites:positions=2,orientations=2,scales=2", limit=10 ** 6)) == len(full)
+
+
+def test_limit_drops_a_factor_that_became_constant(tmp_path):
+    factors = np.stack([np.arange(200) % 4, np.arange(200) == 0], 1).astype(np.int64)  # factor1: 1 in row 0 only
+    np.savez(tmp_path / "own.npz", images=rng_images(200, 4, 4, 1), factors=factors)
+    assert data.load(tmp_path / "own.npz").factor_names == ["factor0", "factor1"]
+    rows = np.sort(np.random.default_rng(0).choice(200, 20, replace=False))
+    assert 0 not in rows  # so factor1 is 0 in every row kept
+    part = data.load(tmp_path / "own.npz", limit=20, seed=0)
+    assert part.factor_names == ["factor0"] and part.factor_sizes == [4]
+    assert np.array_equal(part.factors, factors[rows, :1])
+    with pytest.raises(DataError, match="own.npz: limit must be a positive number of images, not 0"):
+        data.load(tmp_path / "own.npz", limit=0)
+
+
+def test_describe():
+    ds = data.load("sprites:positions=2,orientations=3,scales=2")
+    assert data.describe(ds) == ("sprites: 72 images 64x64x1 uint8, "
+                                 "factors shape(3) scale(2) orientation(3) posX(2) posY(2)")
+    assert data.describe(data.Dataset(np.zeros((2, 3, 4, 1), np.uint8), name="x")) == \
+        "x: 2 images 3x4x1 uint8, factors none"
+
+
+def test_a_bug_is_not_reported_as_a_damaged_file(tmp_path, monkeypatch):
+    np.savez(tmp_path / "own.npz", images=rng_images(2, 4, 4, 1))
+
+    def bug(*args, **kwargs):
+        raise TypeError("a bug in the reader")
+    monkeypatch.setattr(np.lib.format, "read_array", bug)
+    with pytest.raises(TypeError, match="a bug in the reader"):  # not "own.npz: not a readable .npz file"
+        data.load(tmp_path / "own.npz")
+
+
+@pytest.mark.parametrize("extra", [{"factor_names": np.array("ab")}, {"factor_sizes": np.array(4)},
+                                   {"factor_sizes": np.array([2 + 1j, 2])}, {"factor_sizes": np.array(["2", "2"])}])
+def test_factor_names_and_sizes_of_the_wrong_kind(tmp_path, extra):
+    np.savez(tmp_path / "own.npz", images=rng_images(3, 4, 4, 1), factors=np.eye(3, 2, dtype=np.int64), **extra)
+    with pytest.raises(DataError, match="own.npz: factor_names should be a list of names and factor_sizes a list"):
+        data.load(tmp_path / "own.npz")
+
+
+# --------------------------------------------------------------------------------------------
+# numpy files
+
+UNPICKLED = []
+
+
+def _trip():
+    UNPICKLED.append(True)
+    return "unpickled!"
+
+
+class Trap:
+    def __reduce__(self):
+        return _trip, ()
+
+
+def dsprites_npz(path, compressed=True):
+    classes = np.array(list(itertools.product([0], range(3), range(2), range(2), range(2), range(2))), np.int64)
+    imgs = np.random.default_rng(0).integers(0, 2, (len(classes), 64, 64), dtype=np.uint8)
+    meta = np.empty((), object)
+    meta[()] = Trap()
+    (np.savez_compressed if compressed else np.savez)(
+        path, imgs=imgs, latents_classes=classes, latents_values=classes / 2.0, metadata=meta)
+    return imgs, classes
+
+
+@pytest.mark.parametrize("compressed", [True, False])
+def test_dsprites_npz_never_unpickles(tmp_path, compressed):
+    path = str(tmp_path / "dsprites.npz")
+    imgs, classes = dsprites_npz(path, compressed)
+    ds = data.load(path)
+    assert not UNPICKLED
+    assert ds.images.shape == (48, 64, 64, 1) and ds.images.dtype == np.uint8
+    assert np.array_equal(ds.images[..., 0], imgs * 255)
+    assert ds.factor_names == ["shape", "scale", "orientation", "posX", "posY"]
+    assert ds.factor_sizes == [3, 2, 2, 2, 2] and np.array_equal(ds.factors, classes[:, 1:])
+    np.load(path, allow_pickle=True)["metadata"]  # the trap does spring when unpickled
+    assert UNPICKLED
+    UNPICKLED.clear()
+
+
+def test_generic_npz_and_npy(tmp_path):
+    images = rng_images(6, 8, 10, 3)
+    factors = np.array([[i % 2, i % 3] for i in range(6)])
+    np.savez(tmp_path / "own.npz", images=images, factors=factors,
+             factor_names=np.array(["a", "b"]), factor_sizes=np.array([2, 4]))
+    ds = data.load(tmp_path / "own.npz")
+    assert np.array_equal(ds.images, images) and np.array_equal(ds.factors, factors)
+    assert ds.factor_names == ["a", "b"] and ds.factor_sizes == [2, 4] and ds.factors.dtype == np.int64
+    np.save(tmp_path / "own.npy", images[..., 0])
+    ds = data.load(tmp_path / "own.npy")
+    assert isinstance(ds.images, np.memmap) and np.array_equal(ds.images, images[..., :1])
+    assert ds.factors is None
+    np.save(tmp_path / "binary.npy", images[..., 0] % 2)
+    assert np.array_equal(data.load(tmp_path / "binary.npy").images[..., 0], images[..., 0] % 2 * 255)
+
+
+def test_npz_errors(tmp_path):
+    np.savez(tmp_path / "none.npz", pictures=rng_images(2, 4, 4, 1))
+    with pytest.raises(DataError, match="none.npz.*no 'images'"):
+        data.load(tmp_path / "none.npz")
+    np.savez(tmp_path / "float.npz", images=np.zeros((2, 4, 4, 1)))
+    with pytest.raises(DataError, match="float.npz.*float64"):
+        data.load(tmp_path / "float.npz")
+    np.savez(tmp_path / "short.npz", images=rng_images(3, 4, 4, 1), factors=np.zeros((2, 1), int))
+    with pytest.raises(DataError, match="short.npz.*factors"):
+        data.load(tmp_path / "short.npz")
+    np.savez(tmp_path / "shape.npz", images=rng_images(3, 4, 4, 1)[..., 0, 0])
+    with pytest.raises(DataError, match="shape.npz.*shape"):
+        data.load(tmp_path / "shape.npz")
+    np.savez(tmp_path / "obj.npz", images=np.array([Trap()], object))
+    with pytest.raises(DataError, match="obj.npz"):
+        data.load(tmp_path / "obj.npz")
+    assert not UNPICKLED
+
+
+def test_path_errors(tmp_path):
+    with pytest.raises(DataError, match="nowhere.npz.*no such file"):
+        data.load(tmp_path / "nowhere.npz")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(DataError, match="notes.txt.*unknown kind"):
+        data.load(tmp_path / "notes.txt")
+    (tmp_path / "fake.npz").write_text("hello")
+    with pytest.raises(DataError, match="fake.npz"):
+        data.load(tmp_path / "fake.npz")
+    os.mkdir(tmp_path / "empty")
+    with pytest.raises(DataError, match="empty"):
+        data.load(tmp_path / "empty")
+    with pytest.raises(DataError, match="unknown option"):
+        data.load(FIXTURES + "/faces_zip.pth", size=32)
+
+
+# --------------------------------------------------------------------------------------------
+# folders and zips of images
+
+def test_image_folder_zip_and_cache(tmp_path, capsys):
+    images = rng_images(5, 64, 64, 3)
+    folder = tmp_path / "pics"
+    folder.mkdir()
+    for i, im in enumerate(images):
+        save_png(folder / f"{i:03d}.png", im)
+    (folder / "readme.txt").write_text("ignored")
+    np.save(tmp_path / "pics.64x64.npy", images[::-1])  # the old toolkit's cache name: not read
+    ds = data.load(folder)
+    assert np.array_equal(ds.images, images) and ds.factors is None
+    caches = [n for n in os.listdir(tmp_path) if n.startswith("pics.64x64.") and n != "pics.64x64.npy"]
+    assert isinstance(ds.images, np.memmap) and len(caches) == 1
+    cache = tmp_path / caches[0]
+    capsys.readouterr()
+    again = data.load(folder)  # the cache, memory-mapped, nothing decoded again
+    assert isinstance(again.images, np.memmap) and np.array_equal(again.images, images)
+    assert "decoding" not in capsys.readouterr().err
+    with zipfile.ZipFile(tmp_path / "pics.zip", "w") as zf:
+        for i, im in enumerate(images[::-1]):  # stored out of order: read sorted by name
+            buf = io.BytesIO()
+            save_png(buf, im)
+            zf.writestr(f"pics/{4 - i:03d}.png", buf.getvalue())
+    cache_dir = tmp_path / "elsewhere"
+    ds = data.load(tmp_path / "pics.zip", cache_dir=cache_dir)
+    assert np.array_equal(ds.images, images) and [n[:15] for n in os.listdir(cache_dir)] == ["pics.zip.64x64."]
+
+    cache.write_bytes(b"garbage")  # a corrupt cache is rebuilt
+    assert np.array_equal(data.load(folder).images, images)
+    np.save(cache, images[:3])  # so is one of the wrong shape
+    assert np.array_equal(data.load(folder).images, images)
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp.npy")]
+
+
+def test_image_cache_follows_its_source(tmp_path, capsys):
+    first, second = rng_images(3, 16, 16, 3, seed=6), rng_images(3, 16, 16, 3, seed=7)
+    (tmp_path / "pics").mkdir()
+    for i, im in enumerate(first):
+        save_png(tmp_path / "pics" / f"{i}.png", im)
+    assert np.array_equal(data.load(tmp_path / "pics", size=16).images, first)
+    old_cache = [n for n in os.listdir(tmp_path) if n.endswith(".npy")]
+    folder_time, before = os.stat(tmp_path / "pics").st_mtime_ns, os.stat(tmp_path / "pics" / "0.png")
+    save_png(tmp_path / "pics" / "0.png", second[0])  # replaced in place by one of the same size
+    later = before.st_mtime_ns + 10 ** 9  # saved a second later
+    os.utime(tmp_path / "pics" / "0.png", ns=(later, later))
+    os.utime(tmp_path / "pics", ns=(folder_time, folder_time))  # the folder itself looks untouched
+    assert os.path.getsize(tmp_path / "pics" / "0.png") == before.st_size
+    capsys.readouterr()
+    assert np.array_equal(data.load(tmp_path / "pics", size=16).images, [second[0], first[1], first[2]])
+    assert "is stale (its source changed): rebuilding" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / old_cache[0])  # the stale copy is removed
+    save_png(tmp_path / "pics" / "3.png", second[1])  # an image added
+    assert len(data.load(tmp_path / "pics", size=16)) == 4
+
+    with zipfile.ZipFile(tmp_path / "pics.zip", "w") as zf:  # beside the folder: its own images
+        for i, im in enumerate(second):
+            buf = io.BytesIO()
+            save_png(buf, im)
+            zf.writestr(f"{i}.png", buf.getvalue())
+    assert np.array_equal(data.load(tmp_path / "pics.zip", size=16).images, second)
+    assert np.array_equal(data.load(tmp_path / "pics", size=16).images[1:3], first[1:3])
+    with tarfile.open(tmp_path / "pics.tar", "w") as tar:  # a tar too, and a tar rewritten in place
+        tar.add(tmp_path / "pics" / "1.png", "1.png")
+    assert np.array_equal(data.load(tmp_path / "pics.tar", size=16).images, first[1:2])
+    written = os.stat(tmp_path / "pics.tar")
+    with tarfile.open(tmp_path / "pics.tar", "w") as tar:
+        tar.add(tmp_path / "pics" / "0.png", "1.png")
+    os.utime(tmp_path / "pics.tar", ns=(written.st_mtime_ns + 10 ** 9,) * 2)  # a second later
+    assert os.path.getsize(tmp_path / "pics.tar") == written.st_size
+    assert np.array_equal(data.load(tmp_path / "pics.tar", size=16).images, second[:1])
+
+
+def test_hidden_files_are_skipped_and_counted(tmp_path, capsys):
+    images = rng_images(3, 16, 16, 3, seed=8)
+    apple = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(60)  # AppleDouble header
+    png = []
+    for im in images:
+        buf = io.BytesIO()
+        save_png(buf, im)
+        png.append(buf.getvalue())
+    folder = tmp_path / "pics"  # read recursively, sorted by path: a.png, sub/b.png, sub/deeper/c.png
+    (folder / "sub" / "deeper").mkdir(parents=True)
+    (folder / ".thumbnails").mkdir()  # a hidden folder: skipped whole, counted once
+    members = {"a.png": png[0], "sub/b.png": png[1], "sub/deeper/c.png": png[2], "._a.png": apple,
+               "sub/._b.png": apple, ".DS_Store": b"\0", "Thumbs.db": b"\0", "sub/desktop.ini": b"x",
+               ".thumbnails/a.png": png[0], "notes.txt": b"not an image, not hidden"}
+    for name, raw in members.items():
+        (folder / name).write_bytes(raw)
+    with zipfile.ZipFile(tmp_path / "pics.zip", "w") as zf, tarfile.open(tmp_path / "pics.tgz", "w:gz") as tar:
+        for name, raw in {**members, "__MACOSX/pics/._a.png": apple}.items():
+            zf.writestr("pics/" + name if "MACOSX" not in name else name, raw)
+            info = tarfile.TarInfo("./pics/" + name if "MACOSX" not in name else name)
+            info.size = len(raw)
+            tar.addfile(info, io.BytesIO(raw))
+    # folder: ._a.png, sub/._b.png, .DS_Store, Thumbs.db, sub/desktop.ini, .thumbnails/ = 6 entries;
+    # archives: the same with .thumbnails/a.png a file, and __MACOSX/pics/._a.png = 7 files
+    for source, hidden in (("pics", 6), ("pics.zip", 7), ("pics.tgz", 7)):
+        capsys.readouterr()
+        assert np.array_equal(data.load(tmp_path / source, size=16).images, images), source
+        assert f"skipped {hidden} hidden or system entries" in capsys.readouterr().err, source
+    (folder / "sub" / "b.png").unlink()  # a folder whose images are all in sub-folders
+    assert np.array_equal(data.load(folder / "sub", size=16).images, images[2:])
+    (tmp_path / "only").mkdir()
+    (tmp_path / "only" / "._a.png").write_bytes(apple)
+    with pytest.raises(DataError, match=r"only: no images .* found \(1 hidden or system entries skipped\)"):
+        data.load(tmp_path / "only")
+
+
+def png16(array):
+    """A 16-bit PNG written by hand (Pillow writes no 16-bit colour): gray (H, W) or RGB (H, W, 3)."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+    h, w = array.shape[:2]
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in array)  # filter 0 per row
+    header = struct.pack(">IIBBBBB", w, h, 16, 0 if array.ndim == 2 else 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def test_deep_images_are_scaled_or_refused(tmp_path):
+    v = np.arange(65536, dtype=np.uint16).reshape(256, 256)  # every 16-bit value
+    want = np.floor(v / 257 + 0.5).astype(np.uint8)  # round(v / 257): 0..255, no ties
+    assert want[0, 0] == 0 and want[-1, -1] == 255 and (want == 255).sum() == 129
+    (tmp_path / "png16").mkdir()
+    (tmp_path / "png16" / "gray.png").write_bytes(png16(v))
+    (tmp_path / "tif16").mkdir()
+    Image.frombytes("I;16B", (256, 256), v.astype(">u2").tobytes()).save(tmp_path / "tif16" / "big.tif")
+    Image.frombytes("I;16", (256, 256), v.astype("<u2").tobytes()).save(tmp_path / "tif16" / "little.tiff")
+    for folder in ("png16", "tif16"):
+        ds = data.load(tmp_path / folder, size=256)
+        assert ds.images.shape[3] == 1 and all(np.array_equal(im[..., 0], want) for im in ds.images), folder
+    # 16-bit colour: the installed Pillow keeps the high byte, v >> 8, within one level of v / 257
+    rgb = np.stack([v, v[::-1], v.T], -1)
+    (tmp_path / "rgb16").mkdir()
+    (tmp_path / "rgb16" / "colour.png").write_bytes(png16(rgb))
+    got = data.load(tmp_path / "rgb16", size=256).images[0].astype(int)
+    assert np.array_equal(got, rgb >> 8) and np.abs(got - rgb / 257).max() < 1
+    for mode, array in (("I", v.astype(np.int32)), ("F", v.astype(np.float32) / 65535)):
+        (tmp_path / mode).mkdir()
+        Image.fromarray(array).save(tmp_path / mode / "deep.tif")
+        with pytest.raises(DataError, match=rf"deep.tif: Pillow mode {mode} .* no fixed range"):
+            data.load(tmp_path / mode)
+
+
+def test_gray_is_decided_by_content(tmp_path):
+    rng = np.random.default_rng(9)
+    bits, gray = rng.random((16, 16)) > 0.5, rng.integers(0, 256, (16, 16), dtype=np.uint8)
+    colour = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    palette = Image.fromarray(gray, "L").convert("P")  # a palette of grays only
+    cases = {"bits": [(Image.fromarray(bits), bits * 255)],
+             "la": [(Image.fromarray(np.stack([gray, np.full_like(gray, 255)], -1), "LA"), gray)],
+             "palette": [(palette, gray)],
+             "rgb_of_gray": [(Image.fromarray(np.repeat(gray[..., None], 3, -1)), gray)],
+             "mixed": [(Image.fromarray(bits), np.repeat(bits[..., None] * 255, 3, -1)), (Image.fromarray(colour), colour)]}
+    for folder, items in cases.items():
+        (tmp_path / folder).mkdir()
+        for i, (im, _) in enumerate(items):
+            im.save(tmp_path / folder / f"{i}.png")
+        got = data.load(tmp_path / folder, size=16).images
+        want = np.stack([w if w.ndim == 3 else w[..., None] for _, w in items])
+        assert got.shape == want.shape and np.array_equal(got, want), folder
+
+
+def test_transparency_is_composited_on_black(tmp_path):
+    (tmp_path / "rgba").mkdir()
+    rgba = np.array([[[200, 100, 50, 128], [10, 250, 90, 0], [33, 66, 99, 255]]] * 3, np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba" / "0.png")
+    got = data.load(tmp_path / "rgba", size=3).images[0, 0]
+    # by hand, c * alpha / 255 rounded: 200*128/255 = 100.4, 100*128/255 = 50.2, 50*128/255 = 25.1
+    assert got.tolist() == [[100, 50, 25], [0, 0, 0], [33, 66, 99]]
+    (tmp_path / "la").mkdir()
+    la = np.array([[[200, 64], [255, 0], [17, 255]]] * 3, np.uint8)
+    Image.fromarray(la, "LA").save(tmp_path / "la" / "0.png")
+    got = data.load(tmp_path / "la", size=3).images
+    assert got.shape == (1, 3, 3, 1) and got[0, 0, :, 0].tolist() == [50, 0, 17]  # 200*64/255 = 50.2
+    (tmp_path / "palette").mkdir()
+    index = np.array([[0, 1, 2]] * 3, np.uint8)
+    im = Image.fromarray(index, "P")
+    im.putpalette([10, 200, 30, 128, 128, 128, 250, 10, 10] + [0] * 759)
+    im.save(tmp_path / "palette" / "0.png", transparency=bytes([0, 255, 51]))  # tRNS: alpha per entry
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # and no Pillow warning about palette transparency
+        got = data.load(tmp_path / "palette", size=3).images[0, 0]
+    assert got.tolist() == [[0, 0, 0], [128, 128, 128], [50, 2, 2]]  # 250*51/255 = 50, 10*51/255 = 2
+    (tmp_path / "key").mkdir()  # RGB with one transparent colour (tRNS)
+    Image.fromarray(np.array([[[1, 2, 3], [4, 5, 6]]] * 2, np.uint8)).save(
+        tmp_path / "key" / "0.png", transparency=(4, 5, 6))
+    assert data.load(tmp_path / "key", size=2).images[0, 0].tolist() == [[1, 2, 3], [0, 0, 0]]
+
+
+def test_exif_orientation_is_applied_before_the_crop(tmp_path):
+    pixels = rng_images(1, 32, 48, 3, seed=10)[0]  # stored 32 rows x 48 columns
+    rotated = {3: np.rot90(pixels, 2), 6: np.rot90(pixels, -1), 8: np.rot90(pixels, 1)}
+    for orientation, want in rotated.items():  # 6: shown turned 90 degrees clockwise
+        (tmp_path / str(orientation)).mkdir()
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(pixels).save(tmp_path / str(orientation) / "photo.png", exif=exif)
+        top = (want.shape[0] - 32) // 2  # then the centre square
+        left = (want.shape[1] - 32) // 2
+        got = data.load(tmp_path / str(orientation), size=32).images[0]
+        assert np.array_equal(got, want[top:top + 32, left:left + 32]), orientation
+
+
+def test_crop_resize_gray_and_mixed(tmp_path):
+    rgb, gray = rng_images(2, 50, 80, 3, seed=1), rng_images(2, 90, 70, 1, seed=2)
+    for folder, arrays in (("gray", gray), ("mixed", [rgb[0], gray[1]])):
+        (tmp_path / folder).mkdir()
+        for i, im in enumerate(arrays):
+            save_png(tmp_path / folder / f"{i}.png", im)
+
+    def expected(array, mode):
+        im = Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).convert(mode)
+        w, h = im.size
+        s = min(w, h)
+        left, top = round((w - s) / 2), round((h - s) / 2)
+        out = np.asarray(im.crop((left, top, left + s, top + s)).resize((32, 32), Image.BILINEAR))
+        return out if out.ndim == 3 else out[..., None]
+    ds = data.load(tmp_path / "gray", size=32)
+    assert ds.images.shape == (2, 32, 32, 1)
+    assert np.array_equal(ds.images, [expected(g, "L") for g in gray])
+    ds = data.load(tmp_path / "mixed", size=32)
+    assert np.array_equal(ds.images, [expected(rgb[0], "RGB"), np.repeat(expected(gray[1], "L"), 3, -1)])
+
+
+def test_celeba_crop148(tmp_path):
+    faces = rng_images(2, 218, 178, 3, seed=4)
+    (tmp_path / "img_align_celeba").mkdir()
+    for i, im in enumerate(faces):
+        Image.fromarray(im).save(tmp_path / "img_align_celeba" / f"{i + 1:06d}.jpg", quality=95)
+    ds = data.load(tmp_path / "img_align_celeba")
+    for got, name in zip(ds.images, ["000001.jpg", "000002.jpg"]):
+        with Image.open(tmp_path / "img_align_celeba" / name) as im:  # CenterCrop(148) + Resize(64)
+            want = np.asarray(im.convert("RGB").crop((15, 35, 163, 183)).resize((64, 64), Image.BILINEAR))
+        assert np.array_equal(got, want)
+    assert [n.startswith("img_align_celeba.64x64-crop148.") for n in os.listdir(tmp_path)].count(True) == 1
+
+
+def test_unreadable_image_is_named(tmp_path):
+    (tmp_path / "pics").mkdir()
+    save_png(tmp_path / "pics" / "good.png", rng_images(1, 8, 8, 3)[0])
+    (tmp_path / "pics" / "bad.png").write_bytes(b"not a png at all")
+    with pytest.raises(DataError, match="bad.png"):
+        data.load(tmp_path / "pics")
+    assert sorted(os.listdir(tmp_path)) == ["pics"]  # no cache, complete or partial, is left
+
+
+# --------------------------------------------------------------------------------------------
+# MATLAB files and cars3d
+
+def test_read_mat_compressed_fixture():
+    path = os.path.join(FIXTURES, "cars", "car_002_mesh.mat")
+    im = data.read_mat(path, "im")
+    assert im.shape == (16, 16, 3, 24, 4) and im.dtype == np.uint8 and np.array_equal(im, car_im(2))
+    assert np.allclose(data.read_mat(path, "mesh"), np.arange(15).reshape(5, 3) / 7)
+    with pytest.raises(DataError, match="car_002_mesh.mat.*no variable 'x'"):
+        data.read_mat(path, "x")
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+def test_read_mat_uncompressed_by_hand(order, tmp_path):
+    small = np.array([[1, -2], [3, 4]], np.int16)
+    counts = np.arange(24).reshape(2, 3, 4) * 10
+    text = np.array([[104, 105]])  # 'hi', a char array (class 4): not numeric
+    raw = mat_v5([("small", small, 10, "i2"), ("counts", counts, 6, "u1"), ("text", text, 4, "u1")], order)
+    got = data.read_mat(raw, "counts")  # a double stored as uint8
+    assert got.dtype == np.float64 and np.array_equal(got, counts)
+    (tmp_path / "hand.mat").write_bytes(raw)
+    assert np.array_equal(data.read_mat(tmp_path / "hand.mat", "small"), small)  # a path-like source
+    with pytest.raises(DataError, match=r"hand\.mat: variable text: not a real numeric array \(class 4"):
+        data.read_mat(tmp_path / "hand.mat", "text")
+    with pytest.raises(DataError, match="<mat bytes>: no variable 'nothing'"):
+        data.read_mat(raw, "nothing")
+
+
+def test_cars3d_folder_tar_and_uncompressed(tmp_path, capsys):
+    want = expected_cars([car_im(k) for k in (1, 2, 3)])
+    ds = data.load(os.path.join(FIXTURES, "cars"), cache_dir=tmp_path / "cache")
+    assert ds.factor_names == ["elevation", "azimuth", "object"] and ds.factor_sizes == [4, 24, 3]
+    assert ds.factors.tolist() == [list(p) for p in itertools.product(range(4), range(24), range(3))]
+    assert np.array_equal(ds.images, want) and isinstance(ds.images, np.memmap)
+
+    with tarfile.open(tmp_path / "nips2015-analogy-data.tar.gz", "w:gz") as tar:
+        tar.add(os.path.join(FIXTURES, "cars", "car_003_mesh.mat"), "data/cars/car_003_mesh.mat")
+        tar.add(os.path.join(FIXTURES, "make_fixtures.py"), "data/other.py")
+        tar.add(os.path.join(FIXTURES, "cars", "car_001_mesh.mat"), "data/cars/car_001_mesh.mat")
+        tar.add(os.path.join(FIXTURES, "cars", "car_002_mesh.mat"), "__MACOSX/data/cars/._car_002_mesh.mat")
+        info = tarfile.TarInfo("data/preview.png")  # an image beside the cars: still cars3d
+        png = io.BytesIO()
+        save_png(png, rng_images(1, 8, 8, 3)[0])
+        info.size = len(png.getvalue())
+        tar.addfile(info, io.BytesIO(png.getvalue()))
+    built = []
+    for _ in range(2):  # the second time from the same cache file
+        ds = data.load(tmp_path / "nips2015-analogy-data.tar.gz")
+        assert np.array_equal(ds.images, expected_cars([car_im(1), car_im(3)]))
+        built.append({n: os.stat(tmp_path / n).st_mtime_ns for n in os.listdir(tmp_path) if n.endswith(".npy")})
+    assert built[0] == built[1] and len(built[0]) == 1
+    assert next(iter(built[0])).startswith("nips2015-analogy-data.tar.gz.cars3d-64x64.")
+    with pytest.raises(DataError, match="holds cars3d, read at 64x64; options size and crop do not apply"):
+        data.load(tmp_path / "nips2015-analogy-data.tar.gz", size=32)
+
+    (tmp_path / "plain").mkdir()
+    for k in (1, 2):
+        (tmp_path / "plain" / f"car_{k:03d}_mesh.mat").write_bytes(mat_v5([("im", car_im(k), 9, "u1")]))
+    assert np.array_equal(data.load(tmp_path / "plain").images, expected_cars([car_im(1), car_im(2)]))
+    (tmp_path / "plain" / "car_002_mesh.mat").write_bytes(mat_v5([("im", car_im(3), 9, "u1")]))  # replaced
+    assert np.array_equal(data.load(tmp_path / "plain").images, expected_cars([car_im(1), car_im(3)]))
+    assert "is stale (its source changed): rebuilding" in capsys.readouterr().err
+
+
+def test_cars3d_resize_matches_disentanglement_lib(tmp_path):
+    im = rng_images(1, 128, 128, 3, seed=5)[0][..., None, None]  # one view, (128, 128, 3, 1, 1)
+    (tmp_path / "cars").mkdir()
+    (tmp_path / "cars" / "car_001_mesh.mat").write_bytes(mat_v5([("im", im, 9, "u1")]))
+    pic = Image.fromarray(im[..., 0, 0])
+    pic.thumbnail((64, 64), Image.LANCZOS)  # disentanglement_lib's cars3d resize
+    assert np.array_equal(data.load(tmp_path / "cars").images[0], np.asarray(pic))
+
+
+# --------------------------------------------------------------------------------------------
+# torch files (3D faces)
+
+@pytest.mark.parametrize("name", ["faces_legacy.pth", "faces_zip.pth"])
+def test_faces_grid(name):
+    ds = data.load(os.path.join(FIXTURES, name))
+    assert ds.factor_names == ["identity", "azimuth", "elevation", "lighting"]
+    assert ds.factor_sizes == [2, 3, 2, 2]
+    assert ds.factors.tolist() == [list(p) for p in itertools.product(range(2), range(3), range(2), range(2))]
+    assert ds.images.shape == (24, 8, 8, 1) and np.array_equal(ds.images[..., 0], face_grid().reshape(24, 8, 8))
+
+
+def test_faces_flat():
+    ds = data.load(os.path.join(FIXTURES, "faces_flat.pth"))
+    assert ds.factors is None and np.array_equal(ds.images[..., 0], face_grid().reshape(24, 8, 8))
+
+
+def test_torch_file_with_other_pickles_is_refused(tmp_path):
+    """A legacy-layout file whose object pickle calls _trip: refused, and nothing runs."""
+    stream = b"".join(pickle.dumps(x, protocol=2) for x in
+                      (0x1950a86a20f9469cfc6c, 1001, {"little_endian": True}, Trap(), []))
+    (tmp_path / "evil.pth").write_bytes(stream)
+    with pytest.raises(DataError, match="evil.pth.*single tensor"):
+        data.load(tmp_path / "evil.pth")
+    assert not UNPICKLED
+
+
+# --------------------------------------------------------------------------------------------
+# fuzz: truncated and bit-flipped files give the right array or a DataError, nothing else
+
+def damaged(raw, seed=0, n=20):
+    rng = np.random.default_rng(seed)
+    for cut in np.linspace(0, len(raw) - 1, n).astype(int):
+        yield raw[:cut]
+    for pos in rng.integers(0, len(raw), n):
+        flipped = bytearray(raw)
+        flipped[pos] ^= 1 << int(rng.integers(8))
+        yield bytes(flipped)
+
+
+def check_fuzz(tmp_path, raw, suffix, expected, exact=True):
+    cached = suffix in (".zip", ".tar.gz")  # a fresh cache for each damaged file
+    (tmp_path / f"intact{suffix}").write_bytes(raw)
+    assert np.array_equal(data.load(tmp_path / f"intact{suffix}", **(
+        {"cache_dir": tmp_path / "c"} if cached else {})).images, expected)
+    for i, bad in enumerate(damaged(raw)):
+        path = tmp_path / f"f{i}{suffix}"
+        path.write_bytes(bad)
+        try:
+            ds = data.load(path, **({"cache_dir": tmp_path / f"c{i}"} if cached else {}))
+        except DataError:
+            continue
+        assert ds.images.shape == expected.shape
+        assert np.array_equal(ds.images, expected) or not exact, f"wrong pixels from damage #{i}"
+
+
+def test_fuzz_npz(tmp_path):
+    imgs, _ = dsprites_npz(tmp_path / "d.npz")
+    raw = (tmp_path / "d.npz").read_bytes()
+    check_fuzz(tmp_path, raw, ".npz", imgs[..., None] * 255)
+    assert not UNPICKLED
+
+
+def test_fuzz_image_zip(tmp_path):
+    images = rng_images(3, 64, 64, 3)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for i, im in enumerate(images):
+            png = io.BytesIO()
+            save_png(png, im)
+            zf.writestr(f"{i}.png", png.getvalue())
+    check_fuzz(tmp_path, buf.getvalue(), ".zip", images)
+
+
+def test_fuzz_mat_and_tar(tmp_path):
+    raw = open(os.path.join(FIXTURES, "cars", "car_001_mesh.mat"), "rb").read()
+    for bad in damaged(raw):
+        try:
+            assert np.array_equal(data.read_mat(bad, "im"), car_im(1))
+        except DataError:
+            pass
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(os.path.join(FIXTURES, "cars", "car_001_mesh.mat"), "data/cars/car_001_mesh.mat")
+    check_fuzz(tmp_path, buf.getvalue(), ".tar.gz", expected_cars([car_im(1)]))
+
+
+def test_fuzz_torch(tmp_path):
+    want = face_grid().reshape(24, 8, 8, 1)
+    check_fuzz(tmp_path, open(os.path.join(FIXTURES, "faces_zip.pth"), "rb").read(), ".pth", want)
+    # the legacy format has no checksum: a flipped pixel byte cannot be noticed
+    check_fuzz(tmp_path, open(os.path.join(FIXTURES, "faces_legacy.pth"), "rb").read(), ".pth",
+               want, exact=False)
+    assert not UNPICKLED
+
+
+# ----------------------------------------------------------------------------- data: the HDF5 reader
+
+FIX = FIXTURES
+_spec = importlib.util.spec_from_file_location("make_h5_fixtures", os.path.join(FIX, "make_h5_fixtures.py"))
+mk = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(mk)  # numpy only at import time; h5py is imported inside its main()
+BASIC = ["basic_earliest.h5", "basic_latest.h5"]
+
+
+def expected():
+    out = {}
+    for name, (arr, _) in mk.arrays().items():
+        out[name] = mk.fill_expected() if name == "fill_chunked" else arr
+    return out
+
+
+def _same(got, want):
+    assert isinstance(got, np.ndarray)
+    assert got.dtype == want.dtype.newbyteorder("=") and got.dtype.isnative
+    assert got.shape == want.shape
+    assert np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("fname", BASIC)
+@pytest.mark.parametrize("name", list(expected()))
+def test_reads_match(fname, name):
+    want = expected()[name]
+    with data.H5File(os.path.join(FIX, fname)) as f:
+        ds = f[name]
+        assert ds.shape == want.shape and ds.dtype == want.dtype.newbyteorder("=")
+        _same(ds[()], want)
+        if want.ndim == 0:
+            return
+        n = want.shape[0]
+        for key in [slice(None), slice(1, n - 1), slice(n // 2, n + 5), slice(0, n, 3), 0, n - 1, -1, -n,
+                    (slice(1, 3), Ellipsis), (Ellipsis, 0), [0, n - 1], np.arange(1, n), []]:
+            _same(ds[key], want[key])
+        if want.ndim >= 2:
+            m = want.shape[1]
+            for key in [(n - 1, m - 1), (-1, slice(1, m)), (slice(None, None, 2), slice(1, None, 3)), (1, 2, ...)]:
+                _same(ds[key], want[key])
+        with pytest.raises(IndexError):
+            ds[n]
+
+
+@pytest.mark.parametrize("fname", BASIC)
+def test_bool_reads_as_bool_and_other_enums_as_integers(fname):
+    with data.H5File(os.path.join(FIX, fname)) as f:  # h5py writes bool as an int8 enum FALSE = 0, TRUE = 1
+        assert f["bool"].dtype == np.bool_ and f["bool"][()].tolist() == [True, False, False, True, True]
+        assert f["bool_chunked"][2:4, 1:].tolist() == [[False, True, False, False], [False, False, True, False]]
+        assert f["enum_off_on"].dtype == np.int8 and f["enum_off_on"][()].tolist() == [1, 0, 0, 1]
+
+
+def test_chunk_indexes_and_layouts():
+    with data.H5File(os.path.join(FIX, "basic_latest.h5")) as f:
+        assert f["chunked_gzip"].chunks == (7, 4, 3) and f["contig_i32"].chunks is None
+        assert f["compact_u8"].chunks is None and f["scalar_f64"].shape == ()
+        kinds = {n: f[n].chunk_index for n in ["single_plain", "single_gzip", "implicit", "fa_plain", "fa_paged",
+                                               "ea_plain", "ea_gzip", "bt2_plain", "bt2_gzip", "compact_u8"]}
+        assert kinds == {"single_plain": "single chunk", "single_gzip": "single chunk", "implicit": "implicit",
+                         "fa_plain": "fixed array", "fa_paged": "fixed array", "ea_plain": "extensible array",
+                         "ea_gzip": "extensible array", "bt2_plain": "v2 B-tree", "bt2_gzip": "v2 B-tree",
+                         "compact_u8": None}
+        assert len(f["ea_many"].stored_chunks()) == 700 and f["ea_many"].chunk_index == "extensible array"
+    path = os.path.join(FIX, "basic_earliest.h5")
+    with data.H5File(path) as f:
+        assert f["deep_btree"].chunk_index == "v1 B-tree" and len(f["deep_btree"].stored_chunks()) == 3000
+    assert b"TREE\x01\x01" in open(path, "rb").read()  # a chunk B-tree node at level 1: the tree is deeper than one node
+
+
+@pytest.mark.parametrize("fname", BASIC)
+def test_groups(fname):
+    with data.H5File(os.path.join(FIX, fname)) as f:
+        assert "a" in f and "a/b/c/data" in f and "a/b/nope" not in f and "nope" not in f
+        assert "b/c" in f["a"] and "/a/b" in f["a"] and "/b" not in f["a"]  # "/..." from the root
+        assert f["a"]["b"].keys() == ["c"] and f["a/b"]["c/data"].shape == (3, 4) and f["a/b"]["/a/b/c/data"].ndim == 2
+        assert f["many"].keys() == ["d%02d" % i for i in range(40)]
+        for i in (0, 17, 39):
+            _same(f["many"]["d%02d" % i][()], np.array([i, i * i], np.int32))
+        assert set(f.keys()) == {k.split("/")[0] for k in expected()}
+        assert sorted(f.datasets()) == sorted(expected()) and f.datasets()["a/b/c/data"] is f["a/b/c/data"]
+        assert sorted(f["many"].datasets()) == ["d%02d" % i for i in range(40)]
+        with pytest.raises(KeyError):
+            f["a/b/missing"]
+
+
+@pytest.mark.parametrize("fname", BASIC)
+def test_fill_values(fname):
+    with data.H5File(os.path.join(FIX, fname)) as f:
+        d = f["fill_chunked"]
+        assert list(d.stored_chunks()) == [(0, 0), (15, 5)]  # only the two written chunks exist
+        assert (d[5:15] == mk.FILL).all() and d[7, 3] == mk.FILL
+        _same(f["fill_contig"][1:3], np.full((2, 5), 2.5))
+
+
+def _flip(tmp_path, fname, name, at):
+    src = os.path.join(FIX, fname)
+    with data.H5File(src) as f:
+        offset, size = next(iter(f[name].stored_chunks().values()))
+    b = bytearray(open(src, "rb").read())
+    b[offset + at(size)] ^= 0x5A
+    p = tmp_path / fname
+    p.write_bytes(bytes(b))
+    return p
+
+
+@pytest.mark.parametrize("fname", BASIC)
+def test_fletcher32(tmp_path, fname):
+    with data.H5File(os.path.join(FIX, fname)) as f:  # libhdf5 wrote the checksums: ours must agree
+        _same(f["fletcher"][()], expected()["fletcher"])
+        _same(f["fletcher_odd"][()], expected()["fletcher_odd"])  # 21-byte chunks: the odd last byte
+    for name in ["fletcher", "fletcher_gzip", "fletcher_odd"]:
+        p = _flip(tmp_path, fname, name, lambda n: n // 3)
+        with data.H5File(p) as f, pytest.raises(data.H5Error, match=f"{fname}: dataset '{name}': .*fletcher32"):
+            f[name][()]
+
+
+def test_unsupported_filter_and_deflate_corruption(tmp_path):
+    with data.H5File(os.path.join(FIX, "lzf.h5")) as f:
+        assert f["images"].shape == (4, 4, 4)
+        with pytest.raises(data.H5Error, match=r"lzf\.h5: dataset 'images': uses filter 32000 \(lzf\), which is not"):
+            f["images"][()]
+    p = _flip(tmp_path, "basic_earliest.h5", "chunked_gzip", lambda n: n // 2)
+    with data.H5File(p) as f, pytest.raises(data.H5Error, match="chunked_gzip"):
+        f["chunked_gzip"][()]
+    with pytest.raises(DataError, match="lzf.h5: dataset 'images'") as caught:  # data.load: a DataError, cause kept
+        data.load(os.path.join(FIX, "lzf.h5"))
+    assert isinstance(caught.value.__cause__, data.H5Error)
+
+
+def test_index_lists_must_be_sorted_and_distinct():
+    with data.H5File(os.path.join(FIX, "basic_latest.h5")) as f:
+        ds, want = f["chunked_gzip"], expected()["chunked_gzip"]
+        _same(ds[[3, 8, 9, 40]], want[[3, 8, 9, 40]])  # sorted, distinct: read
+        for key in ([5, 2], [2, 2], np.array([0, 9, 4])):  # h5py refuses these too
+            with pytest.raises(data.H5Error, match="chunked_gzip.*not supported.*increasing"):
+                ds[key]
+        with pytest.raises(IndexError):
+            ds[[1, 50]]
+        with pytest.raises(TypeError):
+            ds[:, [0, 1]]  # index lists on the first axis only
+
+
+def test_load_dsprites():
+    imgs, classes, _ = mk.dsprites_arrays()
+    ds = data.load(os.path.join(FIX, "dsprites_small.h5"))
+    assert ds.name == "dsprites_small.h5" and ds.factor_names == ["shape", "scale", "orientation", "posX", "posY"]
+    assert ds.factor_sizes == [3, 2, 2, 4, 2]
+    _same(ds.images, imgs[..., None] * np.uint8(255))
+    _same(ds.factors, classes[:, 1:])
+    sub = data.load(os.path.join(FIX, "dsprites_small.h5"), limit=10, seed=4)
+    rows = np.sort(np.random.default_rng(4).choice(len(imgs), 10, replace=False))
+    _same(sub.images, imgs[rows][..., None] * np.uint8(255))
+    _same(sub.factors, classes[rows, 1:])
+    assert sub.factor_sizes == [3, 2, 2, 4, 2]  # the whole file's sizes
+    one = data.load(os.path.join(FIX, "dsprites_small.h5"), limit=1)
+    assert one.factors.shape == (1, 0) and one.factor_names == []  # one row: every factor is constant
+
+
+def test_one_shape_dsprites_drops_the_shape_factor():
+    imgs, classes, _ = mk.dsprites_arrays()
+    hearts = classes[:, 1] == 2
+    ds = data.load(os.path.join(FIX, "dsprites_hearts.hdf5"))
+    assert ds.factor_names == ["scale", "orientation", "posX", "posY"] and ds.factor_sizes == [2, 2, 4, 2]
+    _same(ds.factors, classes[hearts][:, 2:])
+    _same(ds.images, imgs[hearts][..., None] * np.uint8(255))
+
+
+def test_load_3dshapes():
+    images, _, idx = mk.shapes3d_arrays()
+    ds = data.load(os.path.join(FIX, "3dshapes_small.h5"))
+    assert ds.name == "3dshapes_small.h5" and ds.factor_sizes == [10, 10, 10, 8, 4, 15]
+    assert ds.factor_names == ["floor_hue", "wall_hue", "object_hue", "scale", "shape", "orientation"]
+    _same(ds.images, images)
+    _same(ds.factors, idx.astype(np.int64))
+    sub = data.load(os.path.join(FIX, "3dshapes_small.h5"), limit=7, seed=2)
+    rows = np.sort(np.random.default_rng(2).choice(len(images), 7, replace=False))
+    _same(sub.images, images[rows])
+    _same(sub.factors, idx[rows].astype(np.int64))
+    with pytest.raises(DataError, match="3dshapes_offgrid.h5.*scale"):
+        data.load(os.path.join(FIX, "3dshapes_offgrid.h5"))
+
+
+def test_load_generic_and_unknown(tmp_path):
+    ds = data.load(os.path.join(FIX, "generic_images.h5"))
+    assert ds.images.shape == (12, 8, 8, 1) and ds.factors.dtype == np.int64 and ds.factor_sizes == [5, 5]
+    with pytest.raises(DataError, match=r"unknown\.h5.*foo \(10,\) float64"):
+        data.load(os.path.join(FIX, "unknown.h5"))
+    (tmp_path / "script.h5").write_bytes(open(os.path.join(FIX, "make_h5_fixtures.py"), "rb").read())
+    with pytest.raises(DataError, match="script.h5: not an HDF5 file"):
+        data.load(tmp_path / "script.h5")
+
+
+def _read_all(path):
+    with data.H5File(path) as f:
+        return {n: d[()] for n, d in f.datasets().items()}
+
+
+@pytest.mark.parametrize("fname", ["basic_earliest.h5", "basic_latest.h5", "dsprites_small.h5"])
+def test_fuzz_truncate_and_flip(tmp_path, fname):
+    src = os.path.join(FIX, fname)
+    good, raw = _read_all(src), open(src, "rb").read()
+    rng = np.random.default_rng(0)
+    p = tmp_path / fname
+    for cut in rng.integers(0, len(raw), 30):
+        p.write_bytes(raw[:cut])
+        try:
+            got = _read_all(p)
+        except data.H5Error:
+            continue
+        for n, a in got.items():  # whatever still reads must be exactly right
+            assert np.array_equal(a, good[n]) and a.dtype == good[n].dtype
+    for at in rng.integers(0, len(raw), 30):
+        b = bytearray(raw)
+        b[at] ^= 1 << int(rng.integers(8))
+        p.write_bytes(bytes(b))
+        try:
+            got = _read_all(p)  # a flipped raw-data byte may legitimately change values; only H5Error may escape
+        except data.H5Error:
+            continue
+        assert all(isinstance(a, np.ndarray) for a in got.values())
+
+
+def test_bad_keys():
+    with data.H5File(os.path.join(FIX, "basic_latest.h5")) as f:
+        ds = f["contig_i32"]
+        with pytest.raises(IndexError):
+            ds[1, 2, 3]
+        with pytest.raises(IndexError):
+            ds[::-1]
+        with pytest.raises(TypeError):
+            ds["x"]
+    with pytest.raises(data.H5Error, match="nowhere.h5: cannot open"):
+        data.H5File(os.path.join(FIX, "nowhere.h5"))
+
+
+def run_copied_alone(tmp_path, module, code):
+    """Copy one module into an empty folder and run `code` there; returns its stdout lines."""
+    folder = tmp_path / module
+    folder.mkdir()
+    (folder / f"{module}.py").write_bytes(open(os.path.join(HERE, f"{module}.py"), "rb").read())
+    run = subprocess.run([sys.executable, "-c", code], cwd=folder, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    return run.stdout.strip().split("\n")
+
+
+def test_data_and_h5_stand_alone(tmp_path):
+    """data.py copied alone reads every other format and says in one line that .h5 needs h5.py;
+    h5.py copied alone imports nothing but numpy and the standard library, and reads."""
+    np.savez(tmp_path / "own.npz", images=rng_images(3, 4, 4, 1))
+    said = run_copied_alone(tmp_path, "data", "import data\n"
+                            "assert len(data.load('../own.npz')) == 3\n"
+                            f"try: data.load({os.path.join(FIX, 'dsprites_small.h5')!r})\n"
+                            "except data.DataError as e: print(e)\n")
+    assert said[-1].endswith("dsprites_small.h5: reading .h5/.hdf5 files needs h5.py (the toolkit's "
+                             "HDF5 reader) beside data.py")
+    said = run_copied_alone(tmp_path, "h5", "import sys\nbefore = set(sys.modules)\nimport h5\n"
+                            "imported = {m.split('.')[0] for m in set(sys.modules) - before}\n"
+                            "print(sorted(imported - set(sys.stdlib_module_names) - {'h5', 'numpy'}))\n"
+                            f"print(h5.H5File({os.path.join(FIX, 'basic_earliest.h5')!r})['contig_i32'][1, :3])\n")
+    assert said[:2] == ["[]", "[-20 -19 -18]"]
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -386,668 +1595,203 @@ def test_gaussian_errors():
     np.testing.assert_allclose(out["gaps"], out["mi_normalized"][0])
 
 
-# ----------------------------------------------------------------------------- data: readers and built-ins
-
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
-
-
-def car_im(k):  # as fixtures/make_fixtures.py
-    h, w, c, a, e = np.indices((16, 16, 3, 24, 4))
-    return ((h * 7 + w * 13 + c * 50 + a * 9 + e * 31 + k * 17) % 256).astype(np.uint8)
-
-
-def face_grid():  # as fixtures/make_fixtures.py
-    return (np.arange(2 * 3 * 2 * 2 * 8 * 8) * 7 % 251).astype(np.uint8).reshape(2, 3, 2, 2, 8, 8)
-
-
-def expected_cars(ims):
-    """The cars3d layout: rows in C order over (elevation, azimuth, object), LANCZOS to 64x64."""
-    out = np.empty((ims[0].shape[4], ims[0].shape[3], len(ims), 64, 64, 3), np.uint8)
-    for o, im in enumerate(ims):
-        for e, a in itertools.product(range(im.shape[4]), range(im.shape[3])):
-            view = Image.fromarray(np.ascontiguousarray(im[:, :, :, a, e]))
-            out[e, a, o] = np.asarray(view.resize((64, 64), Image.LANCZOS))
-    return out.reshape(-1, 64, 64, 3)
-
-
-def mat_v5(variables, order="<"):
-    """A hand-written, uncompressed MATLAB v5 file: [(name, array, class code, stored dtype)]."""
-    def element(kind, payload):
-        if len(payload) <= 4:  # small data element format
-            return struct.pack(order + "I", (len(payload) << 16) | kind) + payload.ljust(4, b"\0")
-        return struct.pack(order + "II", kind, len(payload)) + payload + b"\0" * (-len(payload) % 8)
-    kinds = {"u1": 2, "i2": 3, "i4": 5, "f8": 9}
-    out = b"MATLAB 5.0 MAT-file, written by test_data.py".ljust(116) + bytes(8)
-    out += struct.pack(order + "H", 0x0100) + (b"IM" if order == "<" else b"MI")
-    for name, array, mclass, stored in variables:
-        body = element(6, struct.pack(order + "II", mclass, 0))
-        body += element(5, np.array(array.shape, order + "i4").tobytes())
-        body += element(1, name.encode())
-        body += element(kinds[stored], array.astype(order + stored).tobytes(order="F"))
-        out += struct.pack(order + "II", 14, len(body)) + body
-    return out
-
-
-def save_png(path, array):
-    Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).save(path, format="PNG")
-
-
-def rng_images(n, h, w, c, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, (n, h, w, c), dtype=np.uint8)
-
-
-# --------------------------------------------------------------------------------------------
-# built-ins
-
-def test_sprites_factor_table_and_format():
-    ds = data.load("sprites:positions=2,orientations=3,scales=2")
-    assert ds.factor_names == ["shape", "scale", "orientation", "posX", "posY"]
-    assert ds.factor_sizes == [3, 2, 3, 2, 2]
-    assert ds.factors.dtype == np.int64
-    assert ds.factors.tolist() == [list(p) for p in itertools.product(range(3), range(2), range(3), range(2), range(2))]
-    assert ds.images.dtype == np.uint8 and ds.images.shape == (72, 64, 64, 1)
-    assert set(np.unique(ds.images)) == {0, 255}
-    assert np.array_equal(ds.images, data.load("sprites", positions=2, orientations=3, scales=2).images)
-
-
-def test_sprites_geometry():
-    ds = data.load("sprites", positions=8, orientations=4)  # orientations 0, 90, 180, 270 degrees
-    im = ds.images.reshape(3, 6, 4, 8, 8, 64, 64)
-
-    def extent(mask):
-        r, c = np.nonzero(mask)
-        return r.max() - r.min() + 1, c.max() - c.min() + 1, r.mean(), c.mean()
-    h, w, _, _ = extent(im[0, 5, 0, 3, 3])
-    assert 17 <= h <= 21 and 17 <= w <= 21  # square side ~19 at scale 1
-    h_half, _, _, _ = extent(im[0, 0, 0, 3, 3])
-    assert abs(h_half - h / 2) <= 2  # sizes proportional to scale
-    h, w, _, _ = extent(im[1, 5, 0, 3, 3])
-    assert w > h and 24 <= w <= 28 and 12 <= h <= 16  # ellipse 13 x 7 semi-axes, long axis horizontal
-    h, w, _, _ = extent(im[1, 5, 1, 3, 3])
-    assert h > w  # turned by 90 degrees
-    _, w, _, _ = extent(im[2, 5, 0, 3, 3])
-    assert 12 <= w <= 18  # heart ~15 px across
-    centres = [extent(im[0, 5, 0, x, 0])[2:] for x in range(8)]
-    cols = [c for _, c in centres]
-    assert abs(cols[0] - 16) <= 1 and abs(cols[-1] - 48) <= 1 and np.all(np.diff(cols) > 0)
-    assert len({r for r, _ in centres}) == 1  # posX leaves the rows alone
-    rows = [extent(im[0, 5, 0, 0, y])[2] for y in range(8)]
-    assert abs(rows[0] - 16) <= 1 and abs(rows[-1] - 48) <= 1 and np.all(np.diff(rows) > 0)
-
-
-def test_sprites_medium_grid_timing_note():
-    start = time.time()
-    ds = data.load("sprites:positions=8")
-    print(f"\nnote: sprites with 8x8 positions ({len(ds)} images) in {time.time() - start:.2f} s")
-    assert ds.factor_sizes == [3, 6, 40, 8, 8]
-
-
-def test_shapes():
-    ds = data.load("shapes:hues=3,orientations=3,scales=2")
-    assert ds.factor_names == ["floor_hue", "wall_hue", "object_hue", "scale", "shape", "orientation"]
-    assert ds.factor_sizes == [3, 3, 3, 2, 4, 3]
-    assert ds.images.shape == (3 * 3 * 3 * 2 * 4 * 3, 64, 64, 3) and ds.images.dtype == np.uint8
-    assert ds.factors.tolist() == [list(p) for p in itertools.product(*map(range, ds.factor_sizes))]
-    for row in range(0, len(ds), 7):
-        floor_hue, wall_hue = ds.factors[row, :2] / 3
-        for (y, x), hue in (((63, 0), floor_hue), ((2, 2), wall_hue)):
-            got = colorsys.rgb_to_hsv(*(ds.images[row, y, x] / 255.0))[0]
-            assert min(abs(got - hue), 1 - abs(got - hue)) < 0.02
-    im = ds.images.reshape(3, 3, 3, 2, 4, 3, 64, 64, 3)
-    for shape in range(4):  # the object's centre takes the object hue
-        assert not np.array_equal(im[0, 0, 0, 0, shape, 1, 47, 32], im[0, 0, 1, 0, shape, 1, 47, 32])
-        assert not np.array_equal(im[0, 0, 0, 0, shape, 0], im[0, 0, 0, 0, shape, 2])  # orientation
-        assert not np.array_equal(im[0, 0, 0, 0, shape, 1], im[0, 0, 0, 1, shape, 1])  # scale
-
-
-def test_builtin_options_and_names():
-    with pytest.raises(DataError, match="positions"):
-        data.load("sprites:colour=3")
-    with pytest.raises(DataError, match="hues"):
-        data.load("shapes", colour=3)
-    with pytest.raises(DataError, match="positions"):
-        data.load("sprites:positions=100")
-    with pytest.raises(DataError, match="number"):
-        data.load("sprites:positions=many")
-    with pytest.raises(DataError, match="built-in.*sprites.*must exist"):
-        data.load("spritez")
-    assert data.load("sprites:positions=1,orientations=1,scales=1,shapes=1").factors.shape == (1, 0)
-
-
-def test_limit_takes_a_sorted_random_subset():
-    full = data.load("sprites:positions=2,orientations=2,scales=2")
-    part = data.load("sprites:positions=2,orientations=2,scales=2", limit=10, seed=3)
-    rows = np.sort(np.random.default_rng(3).choice(len(full), 10, replace=False))
-    assert np.array_equal(part.images, full.images[rows]) and np.array_equal(part.factors, full.factors[rows])
-    assert len(data.load("sprites:positions=2,orientations=2,scales=2", limit=10 ** 6)) == len(full)
-
-
-# --------------------------------------------------------------------------------------------
-# numpy files
-
-UNPICKLED = []
-
-
-def _trip():
-    UNPICKLED.append(True)
-    return "unpickled!"
-
-
-class Trap:
-    def __reduce__(self):
-        return _trip, ()
-
-
-def dsprites_npz(path, compressed=True):
-    classes = np.array(list(itertools.product([0], range(3), range(2), range(2), range(2), range(2))), np.int64)
-    imgs = np.random.default_rng(0).integers(0, 2, (len(classes), 64, 64), dtype=np.uint8)
-    meta = np.empty((), object)
-    meta[()] = Trap()
-    (np.savez_compressed if compressed else np.savez)(
-        path, imgs=imgs, latents_classes=classes, latents_values=classes / 2.0, metadata=meta)
-    return imgs, classes
-
-
-@pytest.mark.parametrize("compressed", [True, False])
-def test_dsprites_npz_never_unpickles(tmp_path, compressed):
-    path = str(tmp_path / "dsprites.npz")
-    imgs, classes = dsprites_npz(path, compressed)
-    ds = data.load(path)
-    assert not UNPICKLED
-    assert ds.images.shape == (48, 64, 64, 1) and ds.images.dtype == np.uint8
-    assert np.array_equal(ds.images[..., 0], imgs * 255)
-    assert ds.factor_names == ["shape", "scale", "orientation", "posX", "posY"]
-    assert ds.factor_sizes == [3, 2, 2, 2, 2] and np.array_equal(ds.factors, classes[:, 1:])
-    np.load(path, allow_pickle=True)["metadata"]  # the trap does spring when unpickled
-    assert UNPICKLED
-    UNPICKLED.clear()
-
-
-def test_generic_npz_and_npy(tmp_path):
-    images = rng_images(6, 8, 10, 3)
-    factors = np.array([[i % 2, i % 3] for i in range(6)])
-    np.savez(tmp_path / "own.npz", images=images, factors=factors,
-             factor_names=np.array(["a", "b"]), factor_sizes=np.array([2, 4]))
-    ds = data.load(tmp_path / "own.npz")
-    assert np.array_equal(ds.images, images) and np.array_equal(ds.factors, factors)
-    assert ds.factor_names == ["a", "b"] and ds.factor_sizes == [2, 4] and ds.factors.dtype == np.int64
-    np.save(tmp_path / "own.npy", images[..., 0])
-    ds = data.load(tmp_path / "own.npy")
-    assert isinstance(ds.images, np.memmap) and np.array_equal(ds.images, images[..., :1])
-    assert ds.factors is None
-    np.save(tmp_path / "binary.npy", images[..., 0] % 2)
-    assert np.array_equal(data.load(tmp_path / "binary.npy").images[..., 0], images[..., 0] % 2 * 255)
-
-
-def test_npz_errors(tmp_path):
-    np.savez(tmp_path / "none.npz", pictures=rng_images(2, 4, 4, 1))
-    with pytest.raises(DataError, match="none.npz.*no 'images'"):
-        data.load(tmp_path / "none.npz")
-    np.savez(tmp_path / "float.npz", images=np.zeros((2, 4, 4, 1)))
-    with pytest.raises(DataError, match="float.npz.*float64"):
-        data.load(tmp_path / "float.npz")
-    np.savez(tmp_path / "short.npz", images=rng_images(3, 4, 4, 1), factors=np.zeros((2, 1), int))
-    with pytest.raises(DataError, match="short.npz.*factors"):
-        data.load(tmp_path / "short.npz")
-    np.savez(tmp_path / "shape.npz", images=rng_images(3, 4, 4, 1)[..., 0, 0])
-    with pytest.raises(DataError, match="shape.npz.*shape"):
-        data.load(tmp_path / "shape.npz")
-    np.savez(tmp_path / "obj.npz", images=np.array([Trap()], object))
-    with pytest.raises(DataError, match="obj.npz"):
-        data.load(tmp_path / "obj.npz")
-    assert not UNPICKLED
-
-
-def test_path_errors(tmp_path):
-    with pytest.raises(DataError, match="nowhere.npz.*no such file"):
-        data.load(tmp_path / "nowhere.npz")
-    (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(DataError, match="notes.txt.*unknown kind"):
-        data.load(tmp_path / "notes.txt")
-    (tmp_path / "fake.npz").write_text("hello")
-    with pytest.raises(DataError, match="fake.npz"):
-        data.load(tmp_path / "fake.npz")
-    os.mkdir(tmp_path / "empty")
-    with pytest.raises(DataError, match="empty"):
-        data.load(tmp_path / "empty")
-    with pytest.raises(DataError, match="unknown option"):
-        data.load(FIXTURES + "/faces_zip.pth", size=32)
-
-
-# --------------------------------------------------------------------------------------------
-# folders and zips of images
-
-def test_image_folder_zip_and_cache(tmp_path, monkeypatch, capsys):
-    images = rng_images(5, 64, 64, 3)
-    folder = tmp_path / "pics"
-    folder.mkdir()
-    for i, im in enumerate(images):
-        save_png(folder / f"{i:03d}.png", im)
-    (folder / "readme.txt").write_text("ignored")
-    ds = data.load(folder)
-    assert np.array_equal(ds.images, images) and ds.factors is None
-    assert isinstance(ds.images, np.memmap) and os.path.exists(tmp_path / "pics.64x64.npy")
-
-    def no_decoding(*args):
-        raise AssertionError("decoded again")
-    with monkeypatch.context() as m:
-        m.setattr(data, "_decode_image", no_decoding)
-        again = data.load(folder)  # the cache, memory-mapped
-        assert isinstance(again.images, np.memmap) and np.array_equal(again.images, images)
-    with zipfile.ZipFile(tmp_path / "pics.zip", "w") as zf:
-        for i, im in enumerate(images[::-1]):  # stored out of order: read sorted by name
-            buf = io.BytesIO()
-            save_png(buf, im)
-            zf.writestr(f"pics/{4 - i:03d}.png", buf.getvalue())
-    cache_dir = tmp_path / "elsewhere"
-    ds = data.load(tmp_path / "pics.zip", cache_dir=cache_dir)
-    assert np.array_equal(ds.images, images) and os.listdir(cache_dir) == ["pics.64x64.npy"]
-
-    (tmp_path / "pics.64x64.npy").write_bytes(b"garbage")  # a corrupt cache is rebuilt
-    assert np.array_equal(data.load(folder).images, images)
-    np.save(tmp_path / "pics.64x64.npy", images[:3])  # so is one of the wrong shape
-    assert np.array_equal(data.load(folder).images, images)
-    later = os.path.getmtime(tmp_path / "pics.64x64.npy") + 100
-    os.utime(folder, (later, later))  # and one older than its source
-    capsys.readouterr()
-    assert np.array_equal(data.load(folder).images, images)
-    assert "older than its source: rebuilding" in capsys.readouterr().err
-    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp.npy")]
-
-
-def test_crop_resize_gray_and_mixed(tmp_path):
-    rgb, gray = rng_images(2, 50, 80, 3, seed=1), rng_images(2, 90, 70, 1, seed=2)
-    for folder, arrays in (("gray", gray), ("mixed", [rgb[0], gray[1]])):
-        (tmp_path / folder).mkdir()
-        for i, im in enumerate(arrays):
-            save_png(tmp_path / folder / f"{i}.png", im)
-
-    def expected(array, mode):
-        im = Image.fromarray(array.squeeze(-1) if array.shape[-1] == 1 else array).convert(mode)
-        w, h = im.size
-        s = min(w, h)
-        left, top = round((w - s) / 2), round((h - s) / 2)
-        out = np.asarray(im.crop((left, top, left + s, top + s)).resize((32, 32), Image.BILINEAR))
-        return out if out.ndim == 3 else out[..., None]
-    ds = data.load(tmp_path / "gray", size=32)
-    assert ds.images.shape == (2, 32, 32, 1)
-    assert np.array_equal(ds.images, [expected(g, "L") for g in gray])
-    ds = data.load(tmp_path / "mixed", size=32)
-    assert np.array_equal(ds.images, [expected(rgb[0], "RGB"), np.repeat(expected(gray[1], "L"), 3, -1)])
-
-
-def test_celeba_crop148(tmp_path):
-    faces = rng_images(2, 218, 178, 3, seed=4)
-    (tmp_path / "img_align_celeba").mkdir()
-    for i, im in enumerate(faces):
-        Image.fromarray(im).save(tmp_path / "img_align_celeba" / f"{i + 1:06d}.jpg", quality=95)
-    ds = data.load(tmp_path / "img_align_celeba")
-    for got, name in zip(ds.images, ["000001.jpg", "000002.jpg"]):
-        with Image.open(tmp_path / "img_align_celeba" / name) as im:  # CenterCrop(148) + Resize(64)
-            want = np.asarray(im.convert("RGB").crop((15, 35, 163, 183)).resize((64, 64), Image.BILINEAR))
-        assert np.array_equal(got, want)
-    assert os.path.exists(tmp_path / "img_align_celeba.64x64-crop148.npy")
-
-
-def test_unreadable_image_is_named(tmp_path):
-    (tmp_path / "pics").mkdir()
-    save_png(tmp_path / "pics" / "good.png", rng_images(1, 8, 8, 3)[0])
-    (tmp_path / "pics" / "bad.png").write_bytes(b"not a png at all")
-    with pytest.raises(DataError, match="bad.png"):
-        data.load(tmp_path / "pics")
-    assert not os.path.exists(tmp_path / "pics.64x64.npy")
-
-
-# --------------------------------------------------------------------------------------------
-# MATLAB files and cars3d
-
-def test_read_mat_compressed_fixture():
-    path = os.path.join(FIXTURES, "cars", "car_002_mesh.mat")
-    im = data._read_mat(path, "im")
-    assert im.shape == (16, 16, 3, 24, 4) and im.dtype == np.uint8 and np.array_equal(im, car_im(2))
-    assert np.allclose(data._read_mat(path, "mesh"), np.arange(15).reshape(5, 3) / 7)
-    with pytest.raises(DataError, match="car_002_mesh.mat.*no variable 'x'"):
-        data._read_mat(path, "x")
-
-
-@pytest.mark.parametrize("order", ["<", ">"])
-def test_read_mat_uncompressed_by_hand(order):
-    small = np.array([[1, -2], [3, 4]], np.int16)
-    counts = np.arange(24).reshape(2, 3, 4) * 10
-    raw = mat_v5([("small", small, 10, "i2"), ("counts", counts, 6, "u1")], order)  # double as uint8
-    got = data._read_mat(raw, "counts")
-    assert got.dtype == np.float64 and np.array_equal(got, counts)
-    assert np.array_equal(data._read_mat(raw, "small"), small)
-
-
-def test_cars3d_folder_tar_and_uncompressed(tmp_path):
-    want = expected_cars([car_im(k) for k in (1, 2, 3)])
-    ds = data.load(os.path.join(FIXTURES, "cars"), cache_dir=tmp_path / "cache")
-    assert ds.factor_names == ["elevation", "azimuth", "object"] and ds.factor_sizes == [4, 24, 3]
-    assert ds.factors.tolist() == [list(p) for p in itertools.product(range(4), range(24), range(3))]
-    assert np.array_equal(ds.images, want) and isinstance(ds.images, np.memmap)
-
-    with tarfile.open(tmp_path / "nips2015-analogy-data.tar.gz", "w:gz") as tar:
-        tar.add(os.path.join(FIXTURES, "cars", "car_003_mesh.mat"), "data/cars/car_003_mesh.mat")
-        tar.add(os.path.join(FIXTURES, "make_fixtures.py"), "data/other.py")
-        tar.add(os.path.join(FIXTURES, "cars", "car_001_mesh.mat"), "data/cars/car_001_mesh.mat")
-    ds = data.load(tmp_path / "nips2015-analogy-data.tar.gz")
-    assert np.array_equal(ds.images, expected_cars([car_im(1), car_im(3)]))
-    assert os.path.exists(tmp_path / "nips2015-analogy-data.cars3d-64x64.npy")
-
-    (tmp_path / "plain").mkdir()
-    for k in (1, 2):
-        (tmp_path / "plain" / f"car_{k:03d}_mesh.mat").write_bytes(mat_v5([("im", car_im(k), 9, "u1")]))
-    assert np.array_equal(data.load(tmp_path / "plain").images, expected_cars([car_im(1), car_im(2)]))
-
-
-def test_cars3d_resize_matches_disentanglement_lib(tmp_path):
-    im = rng_images(1, 128, 128, 3, seed=5)[0][..., None, None]  # one view, (128, 128, 3, 1, 1)
-    (tmp_path / "cars").mkdir()
-    (tmp_path / "cars" / "car_001_mesh.mat").write_bytes(mat_v5([("im", im, 9, "u1")]))
-    pic = Image.fromarray(im[..., 0, 0])
-    pic.thumbnail((64, 64), Image.LANCZOS)  # disentanglement_lib's cars3d resize
-    assert np.array_equal(data.load(tmp_path / "cars").images[0], np.asarray(pic))
-
-
-# --------------------------------------------------------------------------------------------
-# torch files (3D faces)
-
-@pytest.mark.parametrize("name", ["faces_legacy.pth", "faces_zip.pth"])
-def test_faces_grid(name):
-    ds = data.load(os.path.join(FIXTURES, name))
-    assert ds.factor_names == ["identity", "azimuth", "elevation", "lighting"]
-    assert ds.factor_sizes == [2, 3, 2, 2]
-    assert ds.factors.tolist() == [list(p) for p in itertools.product(range(2), range(3), range(2), range(2))]
-    assert ds.images.shape == (24, 8, 8, 1) and np.array_equal(ds.images[..., 0], face_grid().reshape(24, 8, 8))
-
-
-def test_faces_flat():
-    ds = data.load(os.path.join(FIXTURES, "faces_flat.pth"))
-    assert ds.factors is None and np.array_equal(ds.images[..., 0], face_grid().reshape(24, 8, 8))
-
-
-def test_torch_file_with_other_pickles_is_refused(tmp_path):
-    """A legacy-layout file whose object pickle calls _trip: refused, and nothing runs."""
-    stream = b"".join(pickle.dumps(x, protocol=2) for x in
-                      (0x1950a86a20f9469cfc6c, 1001, {"little_endian": True}, Trap(), []))
-    (tmp_path / "evil.pth").write_bytes(stream)
-    with pytest.raises(DataError, match="evil.pth.*single tensor"):
-        data.load(tmp_path / "evil.pth")
-    assert not UNPICKLED
-
-
-# --------------------------------------------------------------------------------------------
-# fuzz: truncated and bit-flipped files give the right array or a DataError, nothing else
-
-def damaged(raw, seed=0, n=20):
-    rng = np.random.default_rng(seed)
-    for cut in np.linspace(0, len(raw) - 1, n).astype(int):
-        yield raw[:cut]
-    for pos in rng.integers(0, len(raw), n):
-        flipped = bytearray(raw)
-        flipped[pos] ^= 1 << int(rng.integers(8))
-        yield bytes(flipped)
-
-
-def check_fuzz(tmp_path, raw, suffix, expected, exact=True):
-    cached = suffix in (".zip", ".tar.gz")  # a fresh cache for each damaged file
-    (tmp_path / f"intact{suffix}").write_bytes(raw)
-    assert np.array_equal(data.load(tmp_path / f"intact{suffix}", **(
-        {"cache_dir": tmp_path / "c"} if cached else {})).images, expected)
-    for i, bad in enumerate(damaged(raw)):
-        path = tmp_path / f"f{i}{suffix}"
-        path.write_bytes(bad)
-        try:
-            ds = data.load(path, **({"cache_dir": tmp_path / f"c{i}"} if cached else {}))
-        except DataError:
-            continue
-        assert ds.images.shape == expected.shape
-        assert np.array_equal(ds.images, expected) or not exact, f"wrong pixels from damage #{i}"
-
-
-def test_fuzz_npz(tmp_path):
-    imgs, _ = dsprites_npz(tmp_path / "d.npz")
-    raw = (tmp_path / "d.npz").read_bytes()
-    check_fuzz(tmp_path, raw, ".npz", imgs[..., None] * 255)
-    assert not UNPICKLED
-
-
-def test_fuzz_image_zip(tmp_path):
-    images = rng_images(3, 64, 64, 3)
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for i, im in enumerate(images):
-            png = io.BytesIO()
-            save_png(png, im)
-            zf.writestr(f"{i}.png", png.getvalue())
-    check_fuzz(tmp_path, buf.getvalue(), ".zip", images)
-
-
-def test_fuzz_mat_and_tar(tmp_path):
-    raw = open(os.path.join(FIXTURES, "cars", "car_001_mesh.mat"), "rb").read()
-    for bad in damaged(raw):
-        try:
-            assert np.array_equal(data._read_mat(bad, "im"), car_im(1))
-        except DataError:
-            pass
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
-        tar.add(os.path.join(FIXTURES, "cars", "car_001_mesh.mat"), "data/cars/car_001_mesh.mat")
-    check_fuzz(tmp_path, buf.getvalue(), ".tar.gz", expected_cars([car_im(1)]))
-
-
-def test_fuzz_torch(tmp_path):
-    want = face_grid().reshape(24, 8, 8, 1)
-    check_fuzz(tmp_path, open(os.path.join(FIXTURES, "faces_zip.pth"), "rb").read(), ".pth", want)
-    # the legacy format has no checksum: a flipped pixel byte cannot be noticed
-    check_fuzz(tmp_path, open(os.path.join(FIXTURES, "faces_legacy.pth"), "rb").read(), ".pth",
-               want, exact=False)
-    assert not UNPICKLED
-
-
-# ----------------------------------------------------------------------------- data: the HDF5 reader
-
-FIX = FIXTURES
-_spec = importlib.util.spec_from_file_location("make_h5_fixtures", os.path.join(FIX, "make_h5_fixtures.py"))
-mk = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(mk)  # numpy only at import time; h5py is imported inside its main()
-BASIC = ["basic_earliest.h5", "basic_latest.h5"]
-
-
-def expected():
-    out = {}
-    for name, (arr, _) in mk.arrays().items():
-        out[name] = mk.fill_expected() if name == "fill_chunked" else arr
-    return out
-
-
-def _same(got, want):
-    assert isinstance(got, np.ndarray)
-    assert got.dtype == want.dtype.newbyteorder("=") and got.dtype.isnative
-    assert got.shape == want.shape
-    assert np.array_equal(got, want)
-
-
-@pytest.mark.parametrize("fname", BASIC)
-@pytest.mark.parametrize("name", list(expected()))
-def test_reads_match(fname, name):
-    want = expected()[name]
-    with data.H5File(os.path.join(FIX, fname)) as f:
-        ds = f[name]
-        assert ds.shape == want.shape and ds.dtype == want.dtype.newbyteorder("=")
-        _same(ds[()], want)
-        if want.ndim == 0:
-            return
-        n = want.shape[0]
-        for key in [slice(None), slice(1, n - 1), slice(n // 2, n + 5), slice(0, n, 3), 0, n - 1, -1, -n,
-                    (slice(1, 3), Ellipsis), (Ellipsis, 0), [0, n - 1]]:
-            _same(ds[key], want[key])
-        if want.ndim >= 2:
-            m = want.shape[1]
-            for key in [(n - 1, m - 1), (-1, slice(1, m)), (slice(None, None, 2), slice(1, None, 3)), (1, 2, ...)]:
-                _same(ds[key], want[key])
-        with pytest.raises(IndexError):
-            ds[n]
-
-
-def test_attributes_and_index_kinds():
-    with data.H5File(os.path.join(FIX, "basic_latest.h5")) as f:
-        assert f["chunked_gzip"].chunks == (7, 4, 3) and f["contig_i32"].chunks is None
-        assert f["compact_u8"].chunks is None and f["scalar_f64"].shape == ()
-        kinds = {n: f[n]._index for n in ["single_plain", "single_gzip", "implicit", "fa_plain", "fa_paged",
-                                          "ea_plain", "ea_gzip", "bt2_plain", "bt2_gzip", "compact_u8"]}
-        assert kinds == {"single_plain": "single", "single_gzip": "single", "implicit": "implicit",
-                         "fa_plain": "farray", "fa_paged": "farray", "ea_plain": "earray", "ea_gzip": "earray",
-                         "bt2_plain": "btree2", "bt2_gzip": "btree2", "compact_u8": "compact"}
-    with data.H5File(os.path.join(FIX, "basic_earliest.h5")) as f:
-        ds = f["deep_btree"]
-        assert ds._index == "btree1" and len(ds._chunkmap()) == 3000
-        assert f._readmax(ds._addr, 8)[5] >= 1  # root node level: the tree really is deeper than one node
-
-
-@pytest.mark.parametrize("fname", BASIC)
-def test_groups(fname):
-    with data.H5File(os.path.join(FIX, fname)) as f:
-        assert "a" in f and "a/b/c/data" in f and "a/b/nope" not in f and "nope" not in f
-        assert f["a"]["b"].keys() == ["c"] and f["a/b"]["c/data"].shape == (3, 4)
-        assert f["many"].keys() == ["d%02d" % i for i in range(40)]
-        for i in (0, 17, 39):
-            _same(f["many"]["d%02d" % i][()], np.array([i, i * i], np.int32))
-        assert set(f.keys()) == {k.split("/")[0] for k in expected()}
-        with pytest.raises(KeyError):
-            f["a/b/missing"]
-
-
-@pytest.mark.parametrize("fname", BASIC)
-def test_fill_values(fname):
-    with data.H5File(os.path.join(FIX, fname)) as f:
-        d = f["fill_chunked"]
-        assert len(d._chunkmap()) == 2  # only the two written chunks exist
-        assert (d[5:15] == mk.FILL).all() and d[7, 3] == mk.FILL
-        _same(f["fill_contig"][1:3], np.full((2, 5), 2.5))
-
-
-def _flip(tmp_path, fname, name, at):
-    src = os.path.join(FIX, fname)
-    with data.H5File(src) as f:
-        (addr, n, _), = list(f[name]._chunkmap().values())[:1]
-    b = bytearray(open(src, "rb").read())
-    b[addr + at(n)] ^= 0x5A
-    p = tmp_path / fname
-    p.write_bytes(bytes(b))
-    return p
-
-
-@pytest.mark.parametrize("fname", BASIC)
-def test_fletcher32(tmp_path, fname):
-    with data.H5File(os.path.join(FIX, fname)) as f:
-        _same(f["fletcher"][()], expected()["fletcher"])
-    for name in ["fletcher", "fletcher_gzip"]:
-        p = _flip(tmp_path, fname, name, lambda n: n // 3)
-        with data.H5File(p) as f, pytest.raises(DataError, match=f"{fname}.*'{name}'.*fletcher32"):
-            f[name][()]
-
-
-def test_fletcher32_matches_plain_loop():
-    # HDF5's definition, word by word: 16-bit words with the first byte high, an odd last byte as the
-    # high byte, both running sums mod 65535 (the files above also check it against libhdf5's output).
-    for n in [0, 1, 5, 6, 1001, 4096]:
-        payload = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
-        s1 = s2 = 0
-        for i in range(0, n, 2):
-            s1 = (s1 + (payload[i] << 8 | (payload[i + 1] if i + 1 < n else 0))) % 65535
-            s2 = (s2 + s1) % 65535
-        assert data._h5_fletcher32(payload) == (s1, s2)
-
-
-def test_unsupported_filter_and_deflate_corruption(tmp_path):
-    with data.H5File(os.path.join(FIX, "lzf.h5")) as f:
-        assert f["images"].shape == (4, 4, 4)
-        with pytest.raises(DataError, match=r"lzf\.h5: dataset 'images' uses filter 32000 \(lzf\)"):
-            f["images"][()]
-    p = _flip(tmp_path, "basic_earliest.h5", "chunked_gzip", lambda n: n // 2)
-    with data.H5File(p) as f, pytest.raises(DataError, match="chunked_gzip"):
-        f["chunked_gzip"][()]
-
-
-def test_load_dsprites():
-    imgs, classes, _ = mk.dsprites_arrays()
-    ds = data._load_hdf5(os.path.join(FIX, "dsprites_small.h5"))
-    assert ds.name == "dsprites" and ds.factor_names == ["shape", "scale", "orientation", "posX", "posY"]
-    assert ds.factor_sizes == [3, 2, 2, 4, 2]
-    _same(ds.images, imgs[..., None] * np.uint8(255))
-    _same(ds.factors, classes[:, 1:])
-    sub = data._load_hdf5(os.path.join(FIX, "dsprites_small.h5"), limit=10, seed=4)
-    rows = np.sort(np.random.default_rng(4).choice(len(imgs), 10, replace=False))
-    _same(sub.images, imgs[rows][..., None] * np.uint8(255))
-    _same(sub.factors, classes[rows, 1:])
-    assert sub.factor_sizes == [3, 2, 2, 4, 2]
-
-
-def test_load_3dshapes():
-    images, _, idx = mk.shapes3d_arrays()
-    ds = data._load_hdf5(os.path.join(FIX, "3dshapes_small.h5"))
-    assert ds.name == "3dshapes" and ds.factor_sizes == [10, 10, 10, 8, 4, 15]
-    assert ds.factor_names == ["floor_hue", "wall_hue", "object_hue", "scale", "shape", "orientation"]
-    _same(ds.images, images)
-    _same(ds.factors, idx.astype(np.int64))
-    sub = data._load_hdf5(os.path.join(FIX, "3dshapes_small.h5"), limit=7, seed=2)
-    rows = np.sort(np.random.default_rng(2).choice(len(images), 7, replace=False))
-    _same(sub.images, images[rows])
-    _same(sub.factors, idx[rows].astype(np.int64))
-    with pytest.raises(DataError, match="3dshapes_offgrid.h5.*scale"):
-        data._load_hdf5(os.path.join(FIX, "3dshapes_offgrid.h5"))
-
-
-def test_load_generic_and_unknown():
-    ds = data._load_hdf5(os.path.join(FIX, "generic_images.h5"))
-    assert ds.images.shape == (12, 8, 8, 1) and ds.factors.dtype == np.int64 and ds.factor_sizes == [5, 5]
-    with pytest.raises(DataError, match=r"unknown\.h5.*foo \(10,\) float64"):
-        data._load_hdf5(os.path.join(FIX, "unknown.h5"))
-    with pytest.raises(DataError, match="not an HDF5 file"):
-        data._load_hdf5(os.path.join(FIX, "make_h5_fixtures.py"))
-
-
-def _read_all(path):
-    with data.H5File(path) as f:
-        return {n: d[()] for n, d in data._h5_datasets(f._root).items()}
-
-
-@pytest.mark.parametrize("fname", ["basic_earliest.h5", "basic_latest.h5", "dsprites_small.h5"])
-def test_fuzz_truncate_and_flip(tmp_path, fname):
-    src = os.path.join(FIX, fname)
-    good, raw = _read_all(src), open(src, "rb").read()
-    rng = np.random.default_rng(0)
-    p = tmp_path / fname
-    for cut in rng.integers(0, len(raw), 30):
-        p.write_bytes(raw[:cut])
-        try:
-            got = _read_all(p)
-        except DataError:
-            continue
-        for n, a in got.items():  # whatever still reads must be exactly right
-            assert np.array_equal(a, good[n]) and a.dtype == good[n].dtype
-    for at in rng.integers(0, len(raw), 30):
-        b = bytearray(raw)
-        b[at] ^= 1 << int(rng.integers(8))
-        p.write_bytes(bytes(b))
-        try:
-            got = _read_all(p)  # a flipped raw-raw byte may legitimately change values; only DataError may escape
-        except DataError:
-            continue
-        assert all(isinstance(a, np.ndarray) for a in got.values())
-
-
-def test_bad_keys():
-    with data.H5File(os.path.join(FIX, "basic_latest.h5")) as f:
-        ds = f["contig_i32"]
-        with pytest.raises(IndexError):
-            ds[1, 2, 3]
-        with pytest.raises(IndexError):
-            ds[::-1]
-        with pytest.raises(TypeError):
-            ds["x"]
+# -----------------------------------------------------------------------------
+# the other metrics: exact ones against brute force, classifier ones on known answers
+
+GRID = np.indices((3, 6, 8, 8)).reshape(4, -1).T  # a full factor grid, 1,152 rows, K = 4
+
+
+def binned_codes(codes, bins):
+    """disentanglement_lib's histogram discretizer."""
+    return [np.digitize(c, np.histogram(c, bins)[1][:-1]) for c in codes.T]
+
+
+def test_modularity_matches_ridgeway_mozer_by_brute_force():
+    rng = np.random.default_rng(7)
+    factors = np.stack([rng.integers(0, 3, 2000), rng.integers(0, 5, 2000), rng.integers(0, 4, 2000)], 1)
+    codes = np.stack([factors[:, 0] + 0.2 * rng.normal(size=2000), factors[:, 1] - factors[:, 2] * 0.5,
+                      np.round(rng.normal(size=2000)), np.full(2000, 3.0)], 1)  # ties; a constant code
+    for bins in (7, 20):
+        expected = []
+        for b in binned_codes(codes, bins):
+            mi = np.array([brute_discrete_mi(b, f) for f in factors.T])
+            theta = mi.max()
+            template = np.where(np.arange(len(mi)) == mi.argmax(), theta, 0.0)
+            expected.append(1 - np.sum((mi - template) ** 2) / (theta ** 2 * (len(mi) - 1)) if theta > 0 else 0.0)
+        out = metrics.modularity_explicitness(codes, factors, bins=bins)
+        assert abs(out["modularity"] - np.mean(expected)) < 1e-9
+    assert expected[3] == 0.0 and expected[0] > 0.99  # the constant code counts 0; the clean one ~1
+
+
+def test_dci_formulas_from_a_given_importance():
+    rng = np.random.default_rng(8)
+    codes = rng.normal(size=(300, 3))
+    factors = rng.integers(0, 3, (300, 2))
+
+    def one_minus_entropy(weights, base):  # per row, with disentanglement_lib's 1e-11
+        p = [w + 1e-11 for w in weights]
+        p = [q / sum(p) for q in p]
+        return 1 - sum(-q * math.log(q) for q in p) / math.log(base)
+
+    for importance in (rng.uniform(0, 1, (3, 2)), np.array([[0.0, 2.0], [1.0, 0.0], [0.5, 0.5]])):
+        total = importance.sum()
+        expected_d = sum(one_minus_entropy(row, 2) * row.sum() / total for row in importance)
+        expected_c = sum(one_minus_entropy(col, 3) * col.sum() / total for col in importance.T)
+        out = metrics.dci(codes, factors, importance=importance)
+        assert abs(out["disentanglement"] - expected_d) < 1e-9 and abs(out["completeness"] - expected_c) < 1e-9
+    # by hand: one code per factor is perfect; every code spread evenly over every factor is 0
+    out = metrics.dci(codes[:, :2], factors, importance=np.eye(2))
+    assert out["disentanglement"] == pytest.approx(1, abs=1e-9) and out["completeness"] == pytest.approx(1, abs=1e-9)
+    out = metrics.dci(codes[:, :2], factors, importance=np.ones((2, 2)))
+    assert out["disentanglement"] == pytest.approx(0, abs=1e-9) and out["completeness"] == pytest.approx(0, abs=1e-9)
+    with pytest.raises(ValueError, match="shape"):
+        metrics.dci(codes, factors, importance=np.ones((2, 2)))
+    with pytest.raises(ValueError, match=">= 0"):
+        metrics.dci(codes, factors, importance=-np.ones((3, 2)))
+
+
+def test_gaussian_total_correlation_against_float64_reference():
+    rng = np.random.default_rng(9)
+    codes = rng.normal(size=(500, 4)) @ rng.normal(size=(4, 4))
+    # KL(N(0, C) || N(0, diag C)) = (tr(diag(C)^-1 C) - D + log det diag(C) - log det C) / 2
+    c = np.cov(codes.T)
+    diagonal = np.diag(np.diag(c))
+    expected = 0.5 * (np.trace(np.linalg.inv(diagonal) @ c) - 4 + math.log(np.linalg.det(diagonal) / np.linalg.det(c)))
+    with_constant = np.hstack([codes, np.full((500, 1), 2.0)])  # left out: independent of the rest
+    assert abs(metrics.gaussian_total_correlation(with_constant)["score"] - expected) < 1e-9
+    # two codes with sample correlation r: -log(1 - r^2) / 2 exactly
+    pair = np.stack([codes[:, 0], codes[:, 0] + rng.normal(size=500)], 1)
+    r = np.corrcoef(pair.T)[0, 1]
+    assert abs(metrics.gaussian_total_correlation(pair)["score"] + 0.5 * math.log(1 - r * r)) < 1e-12
+    with pytest.raises(ValueError, match="singular"):
+        metrics.gaussian_total_correlation(np.stack([codes[:, 0], 2 * codes[:, 0] + 1], 1))
+
+
+def test_mutual_info_score_brute_force():
+    rng = np.random.default_rng(10)
+    z = rng.normal(size=(1500, 2))
+    codes = np.stack([z[:, 0], z[:, 0] + 0.5 * z[:, 1], np.round(z[:, 1]), z[:, 1] ** 2], 1)
+    for bins in (5, 20):
+        binned = binned_codes(codes, bins)
+        pairs = [brute_discrete_mi(binned[i], binned[j]) for i in range(4) for j in range(4) if i != j]
+        assert abs(metrics.mutual_info_score(codes, bins=bins)["score"] - np.mean(pairs)) < 1e-9
+    assert metrics.mutual_info_score(np.stack([z[:, 0], np.ones(1500)], 1))["score"] == 0
+    with pytest.raises(ValueError, match="2 code"):
+        metrics.mutual_info_score(z[:, :1])
+
+
+def test_sap_continuous_by_hand_and_discrete_on_a_perfect_code():
+    rng = np.random.default_rng(11)
+    factors = np.stack([rng.integers(0, 5, 800), rng.integers(0, 4, 800)], 1)
+    codes = np.stack([factors[:, 0] * 2.0, factors[:, 0] + factors[:, 1], rng.normal(size=800), np.zeros(800)], 1)
+    out = metrics.sap_score(codes, factors, continuous=True)
+    expected = np.zeros((4, 2))
+    for j in range(3):
+        for k in range(2):
+            expected[j, k] = np.corrcoef(codes[:, j], factors[:, k])[0, 1] ** 2
+    np.testing.assert_allclose(out["score_matrix"], expected, rtol=0, atol=1e-12)
+    ranked = [sorted(expected[:, k])[::-1] for k in range(2)]
+    assert out["score"] == pytest.approx(np.mean([r[0] - r[1] for r in ranked]), abs=1e-12)
+    assert out["score_matrix"][0, 0] == pytest.approx(1, abs=1e-12)
+    # discrete: a perfect code classifies its factor exactly; a code blind to a factor scores about
+    # the majority share (chance); the gap then is 1 - chance
+    out = metrics.sap_score(GRID + 0.0, GRID)
+    np.testing.assert_array_equal(np.diag(out["score_matrix"]), 1)
+    off = out["score_matrix"][~np.eye(4, dtype=bool)].reshape(4, 3)
+    assert np.all(off < 0.45)
+    assert out["score"] == pytest.approx(np.mean(1 - np.max(out["score_matrix"] * (1 - np.eye(4)), 0)), abs=1e-12)
+    one = metrics.sap_score(GRID[:, :1] + 0.0, GRID)
+    np.testing.assert_array_equal(one["score"], np.mean(one["score_matrix"][0]))  # one code: its own entry
+
+
+def known_codes(kind):
+    rng = np.random.default_rng(12)
+    f = GRID.astype(float)
+    collapsed = np.stack([np.zeros(len(f)), 0.01 * rng.normal(size=len(f))], 1)
+    if kind == "perfect":
+        return np.hstack([f, collapsed])
+    if kind == "monotone":
+        return np.hstack([np.stack([np.exp(f[:, 0]), f[:, 1] ** 3, np.tanh(f[:, 2] / 4), -np.sqrt(f[:, 3])], 1), collapsed])
+    return rng.normal(size=(len(f), 6))
+
+
+@pytest.mark.parametrize("kind", ["perfect", "monotone"])
+def test_classifier_metrics_score_perfect_codes_high(kind):
+    codes = known_codes(kind)
+    for name in ("beta_vae_score", "factor_vae_score"):
+        out = getattr(metrics, name)(codes, GRID, samples=3000)
+        assert out["score"] >= 0.95 and out["score"] == out["eval_accuracy"] and out["train_accuracy"] >= 0.95
+    assert list(metrics.factor_vae_score(codes, GRID, samples=200)["active_dims"]) == [0, 1, 2, 3]  # std < 0.05 dropped
+    out = metrics.dci(codes, GRID)
+    assert out["disentanglement"] >= 0.95 and out["completeness"] >= 0.95 and out["informativeness_test"] >= 0.95
+    assert out["importance"].shape == (6, 4) and np.allclose(out["importance"].sum(0), 1)
+    assert np.all(np.argmax(out["importance"], 0) == np.arange(4))
+    out = metrics.modularity_explicitness(codes, GRID)
+    assert out["explicitness_train"] >= 0.95 and out["explicitness_test"] >= 0.95
+
+
+def test_classifier_metrics_score_noise_at_chance():
+    codes = known_codes("noise")
+    # chance: 1/K = 0.25 for which factor was fixed; ROC-AUC 0.5; a random importance is spread out
+    for name in ("beta_vae_score", "factor_vae_score"):
+        assert abs(getattr(metrics, name)(codes, GRID, samples=3000)["score"] - 0.25) < 0.05
+    out = metrics.dci(codes, GRID)
+    assert out["disentanglement"] < 0.2 and out["completeness"] < 0.2
+    # informativeness: the majority share of each factor's values in the test rows, about 1/size
+    assert out["informativeness_test"] < np.mean([1 / 3, 1 / 6, 1 / 8, 1 / 8]) + 0.1
+    out = metrics.modularity_explicitness(codes, GRID)
+    assert abs(out["explicitness_test"] - 0.5) < 0.05
+    assert metrics.sap_score(codes, GRID)["score"] < 0.05
+    # constant codes: every row gets the same probabilities, so every ROC-AUC is 1/2 exactly (ties
+    # count half), and a code with no MI has modularity 0
+    out = metrics.modularity_explicitness(np.ones((len(GRID), 2)), GRID)
+    assert out == {"modularity": 0.0, "explicitness_train": 0.5, "explicitness_test": 0.5}
+
+
+def test_sampling_is_seeded_and_collapsed_codes_are_handled():
+    codes = known_codes("noise")
+    a, b = metrics.beta_vae_score(codes, GRID, samples=500, seed=3), metrics.beta_vae_score(codes, GRID, samples=500, seed=3)
+    assert a == b and a != metrics.beta_vae_score(codes, GRID, samples=500, seed=4)
+    out = metrics.factor_vae_score(np.zeros((len(GRID), 3)), GRID, samples=100)
+    assert out["score"] == 0 and len(out["active_dims"]) == 0
+
+
+def test_metrics_name_the_factor_that_data_cannot_serve():
+    codes = GRID + 0.0
+    sparse = GRID.copy()
+    sparse[0, 1] = 9  # factor 1 value 9 now has a single row: no pair of rows can share it
+    for name in ("beta_vae_score", "factor_vae_score"):
+        with pytest.raises(ValueError, match="factor 1 value 9 has a single row"):
+            getattr(metrics, name)(codes, sparse, samples=100)
+    constant = np.stack([GRID[:, 0], np.zeros(len(GRID), int)], 1)
+    for name in ("dci", "sap_score", "modularity_explicitness", "beta_vae_score"):
+        with pytest.raises(ValueError, match="factor 1 takes a single value"):
+            getattr(metrics, name)(codes[:, :2], constant)
+    with pytest.raises(ValueError, match="samples"):
+        metrics.beta_vae_score(codes, GRID, samples=1)
+    result = metrics.evaluate(codes, np.zeros_like(codes), sparse)
+    assert set(result["beta_vae_score"]) == {"error"} and "factor 1 value 9" in result["beta_vae_score"]["error"]
+    assert result["dci"]["disentanglement"] > 0.9  # the others are still computed
+
+
+def test_evaluate_keys_with_and_without_factors():
+    codes = known_codes("perfect")
+    result = metrics.evaluate(codes, np.full_like(codes, -4.0), GRID)
+    expected = {"beta_vae_score": {"score", "train_accuracy", "eval_accuracy"},
+                "factor_vae_score": {"score", "train_accuracy", "eval_accuracy", "active_dims"},
+                "dci": {"disentanglement", "completeness", "informativeness_train", "informativeness_test", "importance"},
+                "sap_score": {"score", "score_matrix"},
+                "modularity_explicitness": {"modularity", "explicitness_train", "explicitness_test"},
+                "gaussian_total_correlation": {"score"}, "mutual_info_score": {"score"}}
+    assert set(result) == set(expected) | {"mig_discrete", "mig_gaussian"}
+    for name, keys in expected.items():
+        assert set(result[name]) == keys, name
+    assert result["mig_discrete"]["mig"] == metrics.discrete_mig(codes, GRID)["mig"]
+    assert result["mig_gaussian"]["mig"] > 0.95 and result["sap_score"]["score_matrix"].shape == (6, 4)
+    unlabelled = metrics.evaluate(codes, None)
+    assert set(unlabelled) == {"gaussian_total_correlation", "mutual_info_score"}
+    assert unlabelled["mutual_info_score"] == result["mutual_info_score"]
+    assert metrics.evaluate(codes, None, GRID)["mig_gaussian"] == {"error": "no logvar given"}
 
 
 # ----------------------------------------------------------------------------- training
@@ -1071,29 +1815,56 @@ def test_training_lowers_the_loss_and_saves_a_plain_checkpoint(tmp_path):
     assert [h["step"] for h in history] == [10, 20, 30, 40, 50, 60]
     assert history[-1]["recon"] < 0.7 * history[0]["recon"]
     assert state["step"] == 60 and state["config"]["latents"] == 10
-    assert 0 <= state["final"]["discrete_mig"]["mig"] <= 1 and state["final"]["samples"] == 384
+    final = state["final"]
+    assert final["samples"] == 384 and set(final["metrics"]) >= {"mig_discrete", "mig_gaussian", "dci"}
+    assert 0 <= final["metrics"]["mig_discrete"]["mig"] <= 1
     model = train.model_from_checkpoint(state)
     assert model(torch.rand(2, 1, 64, 64))[0].shape == (2, 1, 64, 64)
 
 
 @pytest.mark.parametrize("extra", [["--model", "ae"], ["--model", "betavae", "--capacity", "5"],
-                                   ["--model", "betatc", "--estimator", "mss", "--arch", "mlp"]])
+                                   ["--model", "betatc", "--estimator", "mss", "--arch", "mlp"],
+                                   ["--model", "dipvae1"], ["--model", "dipvae2", "--lambda-od", "2"]])
 def test_every_objective_trains(tmp_path, extra):
     code, out = run_train(tmp_path, *extra)
     assert code == 0 and load(out)["step"] == 6
     assert all(math.isfinite(v) for h in load(out)["history"] for v in h.values())
+    assert ("dip" in load(out)["history"][-1]) == extra[1].startswith("dipvae")
 
 
-def test_resume_equals_uninterrupted_bit_for_bit(tmp_path):
-    assert run_train(tmp_path, "--steps", "12", name="whole.pt")[0] == 0
-    assert run_train(tmp_path, "--steps", "5", name="split.pt")[0] == 0
+def same_state(a, b, *keys):
+    for key in keys:
+        for name, tensor in a[key].items():
+            assert torch.equal(tensor, b[key][name]), (key, name)
+
+
+def adam_moments(state, key="optimizer"):
+    return [t for s in state[key]["state"].values() for t in (s["exp_avg"], s["exp_avg_sq"])]
+
+
+@pytest.mark.parametrize("model", ["betatc", "factorvae"])
+def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, model):
+    assert run_train(tmp_path, "--model", model, "--steps", "12", name="whole.pt")[0] == 0
+    assert run_train(tmp_path, "--model", model, "--steps", "5", name="split.pt")[0] == 0
     assert run_train(tmp_path, "--steps", "12", "--resume", name="split.pt")[0] == 0
     whole, split = load(tmp_path / "whole.pt"), load(tmp_path / "split.pt")
     assert split["step"] == 12
-    for key, tensor in whole["model"].items():
-        assert torch.equal(tensor, split["model"][key]), key
-    for a, b in zip(whole["optimizer"]["state"].values(), split["optimizer"]["state"].values()):
-        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    same_state(whole, split, "model")
+    assert all(torch.equal(a, b) for a, b in zip(adam_moments(whole), adam_moments(split)))
+    if model == "factorvae":  # the discriminator and its own Adam are part of the run
+        same_state(whole, split, "discriminator")
+        assert all(torch.equal(a, b) for a, b in zip(adam_moments(whole, "discriminator_optimizer"),
+                                                     adam_moments(split, "discriminator_optimizer")))
+        assert {"tc", "discriminator_accuracy"} <= set(whole["history"][-1])
+
+
+def test_factorvae_learns_and_its_discriminator_tells_joint_from_permuted(tmp_path):
+    code, out = run_train(tmp_path, "--model", "factorvae", "--steps", "60", "--log-every", "10")
+    history = load(out)["history"]
+    assert code == 0 and history[-1]["recon"] < 0.7 * history[0]["recon"]
+    assert all(0 <= h["discriminator_accuracy"] <= 1 for h in history)
+    discriminator = models.build_discriminator(10)
+    discriminator.load_state_dict(load(out)["discriminator"])
 
 
 def test_resuming_a_finished_run_only_remeasures_the_mig(tmp_path):
@@ -1109,14 +1880,6 @@ def test_resuming_a_finished_run_only_remeasures_the_mig(tmp_path):
         assert torch.equal(tensor, after["model"][key]), key
 
 
-def test_traversal_labels_name_the_best_factor_and_mark_collapsed_latents():
-    mean_kl = np.array([4.1, 0.004, 0.5])
-    mi = np.array([[0.1, 0.82], [0.0, 0.001], [0.3, 0.2]])
-    labels = traverse.latent_labels([0, 2, 1], mean_kl, mi, ["shape", "posX"])
-    assert labels == ["z0  posX 0.82  KL 4.10", "z2  shape 0.30  KL 0.50", "z1  no factor  KL 0.00  collapsed"]
-    assert traverse.latent_labels([1], mean_kl, None, None) == ["z1  KL 0.00  collapsed"]
-
-
 def test_existing_checkpoint_is_not_overwritten(tmp_path, capsys):
     assert run_train(tmp_path)[0] == 0
     before = (tmp_path / "ckpt.pt").read_bytes()
@@ -1128,13 +1891,79 @@ def test_existing_checkpoint_is_not_overwritten(tmp_path, capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--beta", "-1"], "--beta"), (["--batch-size", "1"], "at least 2"), (["--steps", "0"], "--steps"),
     (["--latents", "0"], "--latents"), (["--model", "gan"], "invalid choice"), (["--lr", "0"], "--lr"),
-    (["--capacity", "5"], "betavae"), (["--resume", "--force"], "pick one")])
+    (["--capacity", "5"], "betavae"), (["--resume", "--force"], "pick one"), (["--bogus"], "--bogus"),
+    (["--lambda-od", "3"], "dipvae"), (["--steps", "x"], "invalid int")])
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
+    assert_one_line_usage_error(train.main, argv, "train.py", message, capsys)
+
+
+def assert_one_line_usage_error(main, argv, prog, message, capsys):
+    """main(argv) exits 2 with one line: 'PROG: error: ... MESSAGE ... (see --help)'."""
     with pytest.raises(SystemExit) as exit_info:
-        train.parse_args(argv)
+        main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert message in err[-1] and err[-1].startswith("train.py: error:") or message in err[-1]
+    assert len(err) == 1 and message in err[0] and err[0].startswith(f"{prog}: error:")
+    assert err[0].endswith("(see --help)")
+
+
+def test_check_dataset_names_the_problem():
+    square_only = data.Dataset(np.zeros((4, 32, 48, 1), np.uint8))
+    with pytest.raises(train.UserError, match=r"own\.npy: images are 32x48; the mlp architecture needs square images"):
+        train.check_dataset(square_only, "mlp", "own.npy")
+    with pytest.raises(train.UserError, match="conv architecture needs 64x64"):
+        train.check_dataset(data.Dataset(np.zeros((4, 32, 32, 1), np.uint8)), "conv", "own.npy")
+    assert train.check_dataset(data.Dataset(np.zeros((4, 32, 32, 3), np.uint8)), "mlp", "x") == (3, 32)
+
+
+def test_importing_train_leaves_torch_settings_alone():
+    probe = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import train, traverse, bench; "
+             "print(float(torch.tensor([1e-40]) * 1.0))")  # a denormal survives unless flushed
+    out = subprocess.run([sys.executable, "-c", probe, HERE], capture_output=True, text=True, check=True)
+    assert float(out.stdout) > 0
+
+
+def without_config_entry(path, key):
+    state = load(path)
+    del state["config"][key]
+    torch.save(state, path)
+    return open(path, "rb").read()
+
+
+def test_checkpoint_missing_a_config_entry_is_filled_or_named(tmp_path, capsys):
+    code, out = run_train(tmp_path)
+    without_config_entry(out, "data_limit")  # has a safe default (no limit): resuming works
+    assert train.main(["--resume", "--out", out, "--steps", "8"]) == 0 and load(out)["step"] == 8
+    before = without_config_entry(out, "latents")  # no safe default: named, nothing lost
+    assert train.main(["--resume", "--out", out, "--steps", "9"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "latents" in err[-1] and "ckpt.pt" in err[-1] and open(out, "rb").read() == before
+
+
+def test_an_evaluation_that_cannot_be_measured_is_reported_and_training_goes_on(tmp_path, capsys):
+    code, out = run_train(tmp_path, "--model", "vae", "--eval-every", "2", "--eval-subset", "1",
+                          "--final-eval", "1")
+    assert code == 0 and load(out)["step"] == 6 and load(out)["evaluations"] == []
+    err = capsys.readouterr().err
+    assert "MIG not measured" in err and "take one value" in err and "Traceback" not in err
+    final = load(out)["final"]  # one image: no factor varies, so only label-free metrics are tried
+    assert final["samples"] == 1 and "mig_discrete" not in final["metrics"]
+
+
+def test_a_signal_during_the_final_evaluation_skips_it_at_once(tmp_path, monkeypatch, capsys):
+    def slow_metrics(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)  # the signal must cut this short
+        raise AssertionError("not interrupted")
+
+    monkeypatch.setattr(metrics, "evaluate", slow_metrics)
+    before = signal.getsignal(signal.SIGTERM)
+    start = time.perf_counter()
+    code, out = run_train(tmp_path, "--model", "vae")
+    assert code == 128 + signal.SIGTERM and time.perf_counter() - start < 30
+    assert "traverse.py" in capsys.readouterr().err and signal.getsignal(signal.SIGTERM) == before
+    state = load(out)
+    assert state["step"] == 6 and "final" not in state
 
 
 def test_resume_rejects_a_different_latent_count(tmp_path, capsys):
@@ -1231,29 +2060,473 @@ def test_sigkill_leaves_a_loadable_checkpoint(tmp_path):
     assert run_train(tmp_path, "--resume", "--steps", str(step + 1))[0] == 0
 
 
+def torchrun(*argv, processes=2):
+    """`torchrun --nproc_per_node 2 train.py ...` on the CPU (gloo), as a Popen."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+               str(processes), os.path.join(HERE, "train.py"), "--device", "cpu", *argv]
+    environment = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            cwd=HERE, env=environment)
+
+
+@pytest.mark.parametrize("model", ["vae", "betatc"])
+def test_torchrun_two_processes_equal_one_at_the_same_global_batch(tmp_path, model):
+    argv = ["--data", TINY, "--model", model, "--batch-size", "16", "--steps", "20", "--log-every", "1",
+            "--final-eval", "40", "--force"]
+    process = torchrun(*argv, "--out", str(tmp_path / "ddp.pt"))
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-2000:]
+    assert "Warning" not in err and err.count("training ") == 1 and out.count("done:") == 1
+    assert train.main([*argv, "--device", "cpu", "--out", str(tmp_path / "one.pt")]) == 0
+    ddp, one = load(tmp_path / "ddp.pt"), load(tmp_path / "one.pt")
+    for term in ("loss", "recon", "kl"):
+        assert ddp["history"][0][term] == pytest.approx(one["history"][0][term], rel=1e-5), term
+    assert ddp["final"]["samples"] == 40
+    for name, tensor in one["model"].items():
+        assert torch.allclose(ddp["model"][name], tensor, rtol=1e-3, atol=1e-4), name
+
+
+def test_torchrun_sigterm_leaves_one_checkpoint_that_resumes_in_one_process(tmp_path):
+    out = str(tmp_path / "ckpt.pt")
+    process = torchrun("--data", TINY, "--model", "betatc", "--batch-size", "16", "--steps", "100000",
+                       "--log-every", "1", "--out", out)
+    for line in process.stderr:
+        if line.startswith("step 3/"):
+            break
+    process.send_signal(signal.SIGTERM)
+    err = process.communicate(timeout=120)[1]
+    assert err.count("stopped at step") == 1, err[-2000:]
+    stopped = int(err.split("stopped at step ")[1].split("/")[0])
+    assert load(out)["step"] == stopped >= 3
+    assert [f for f in os.listdir(tmp_path) if f != "ckpt.pt"] == []
+    assert run_train(tmp_path, "--resume", "--steps", str(stopped + 2), "--final-eval", "20")[0] == 0
+    assert load(out)["step"] == stopped + 2
+
+
+def test_torchrun_refuses_a_batch_that_does_not_divide(tmp_path):
+    process = torchrun("--data", TINY, "--batch-size", "15", "--out", str(tmp_path / "c.pt"))
+    err = process.communicate(timeout=120)[1]
+    assert process.returncode != 0 and "--batch-size 15 does not divide into 2 processes" in err
+    assert "Traceback" not in err.split("does not divide")[0][-500:]
+
+
 # ----------------------------------------------------------------------------- traverse
 
-def test_traverse_writes_grids_and_mig_matching_metrics(tmp_path):
-    code, out = run_train(tmp_path, "--steps", "20")
-    assert code == 0
-    assert traverse.main([out, "--out", str(tmp_path / "grids"), "--mig", "--steps", "7"]) == 0
-    for name in ("traversal", "reconstructions", "samples", "mi"):
-        with Image.open(tmp_path / "grids" / f"{name}.png") as image:
-            image.load()
-            assert image.width > 100 and image.height > 100
-    with Image.open(tmp_path / "grids" / "traversal.png") as image:  # 10 rows of 64 px, 7 columns
-        assert image.height == 10 * 66 + 2 and image.width >= 7 * 66 + 2
-    report = json.loads((tmp_path / "grids" / "metrics.json").read_text())
-    state = load(out)
+def test_traversal_labels_name_the_best_factor_and_mark_collapsed_latents():
+    mean_kl = np.array([4.1, 0.004, 0.5])
+    mi = np.array([[0.1, 0.82], [0.0, 0.001], [0.3, 0.2]])
+    labels = traverse.latent_labels([0, 2, 1], mean_kl, mi, ["shape", "posX"])
+    assert labels == ["z0  posX 0.82  KL 4.10", "z2  shape 0.30  KL 0.50", "z1  no factor  KL 0.00  collapsed"]
+    assert traverse.latent_labels([1], mean_kl, None, None) == ["z1  KL 0.00  collapsed"]
+
+
+@pytest.fixture(scope="module")
+def traversed(tmp_path_factory):
+    """A tiny beta-TCVAE checkpoint with a history and periodic MIGs; traverse.py --metrics --codes
+    run on it (what it printed), and the whole dataset encoded here independently."""
+    from contextlib import redirect_stdout
+    folder = tmp_path_factory.mktemp("traverse")
+    checkpoint = str(folder / "ckpt.pt")
+    assert train.main(["--data", TINY, "--batch-size", "16", "--steps", "8", "--log-every", "2",
+                       "--eval-every", "4", "--eval-subset", "100", "--final-eval", "40",
+                       "--out", checkpoint]) == 0
+    printed = io.StringIO()
+    with redirect_stdout(printed):
+        assert traverse.main([checkpoint, "--out", str(folder / "grids"), "--metrics", "--steps", "5",
+                              "--range", "20", "--codes", str(folder / "codes.npz")]) == 0
+    model = train.model_from_checkpoint(load(checkpoint)).eval()
     dataset = data.load(TINY)
-    mu, logvar = train.encode_dataset(train.model_from_checkpoint(state),
-                                      train.ImageSource(dataset.images, torch.device("cpu")))
-    assert report["discrete"]["mig"] == pytest.approx(metrics.discrete_mig(mu, dataset.factors)["mig"], abs=1e-9)
-    assert report["gaussian"]["mig"] == pytest.approx(
-        metrics.gaussian_mig(mu, logvar, dataset.factors)["mig"], abs=1e-9)
+    mu, logvar = train.encode_dataset(model, train.ImageSource(dataset.images, torch.device("cpu")))
+    return dict(folder=folder, checkpoint=checkpoint, printed=printed.getvalue(), model=model,
+                dataset=dataset, mu=mu, logvar=logvar)
+
+
+def assert_same_numbers(saved, expected, where="metrics"):
+    """JSON-loaded `saved` equals `expected` (dicts of floats and arrays) to 1e-9; None is NaN."""
+    if isinstance(expected, dict):
+        assert set(saved) == set(expected), where
+        for key in expected:
+            assert_same_numbers(saved[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, str):
+        assert saved == expected, where
+    else:
+        saved = np.array(saved, dtype=np.float64)  # None -> nan
+        assert np.allclose(saved, np.asarray(expected, np.float64), rtol=0, atol=1e-9, equal_nan=True), where
+
+
+def test_traverse_metrics_json_is_metrics_evaluate_on_the_whole_dataset(traversed):
+    t = traversed
+    report = json.loads((t["folder"] / "grids" / "metrics.json").read_text())
+    expected = metrics.evaluate(t["mu"], t["logvar"], t["dataset"].factors, seed=0)
+    assert report["images"] == 384 and report["factor_names"] == t["dataset"].factor_names
+    assert_same_numbers(report["metrics"], expected)
+    table = t["printed"].splitlines()
+    assert table[0].startswith("metrics of ") and "384 images" in table[0]
+    assert sorted(line.split()[0] for line in table[1:len(expected) + 1]) == sorted(expected)
+    mig_line = next(line for line in table if line.startswith("mig_discrete"))
+    assert mig_line.split()[1] == f"{expected['mig_discrete']['mig']:.3f}"
+    with Image.open(t["folder"] / "grids" / "mi.png") as image:
+        assert image.height == 28 + 22 * 10 + 4  # one row per latent
+    with Image.open(t["folder"] / "grids" / "traversal.png") as image:  # 10 rows of 64 px, 5 columns
+        assert image.size == (170 + 5 * 66 + 2, 10 * 66 + 2)
+
+
+def test_traverse_codes_round_trip(traversed):
+    t = traversed
+    with np.load(t["folder"] / "codes.npz", allow_pickle=False) as codes:
+        assert codes["mu"].dtype == codes["logvar"].dtype == np.float32
+        assert np.array_equal(codes["mu"], t["mu"]) and np.array_equal(codes["logvar"], t["logvar"])
+        assert codes["factors"].dtype == np.int64 and np.array_equal(codes["factors"], t["dataset"].factors)
+        assert list(codes["factor_names"]) == t["dataset"].factor_names
+        assert list(codes["factor_sizes"]) == t["dataset"].factor_sizes == [3, 2, 4, 4, 4]
+
+
+def test_traversal_gif_frames_are_the_sweep_forward_and_back(traversed):
+    t, steps, size = traversed, 5, 64
+    with Image.open(t["folder"] / "grids" / "traversal.gif") as gif:
+        assert gif.n_frames == 2 * steps - 2 and gif.info["loop"] == 0
+        frames = []
+        for k in range(gif.n_frames):
+            gif.seek(k)
+            frames.append(np.asarray(gif.convert("L")).astype(int))
+    assert frames[0].shape == (traverse.GIF_HEADER + 2 * (traverse.GIF_LABEL + size + 2), 2 + 5 * (size + 2))
+    mu, logvar = t["mu"].astype(np.float64), t["logvar"].astype(np.float64)
+    order = np.argsort(-(0.5 * (mu ** 2 + np.exp(logvar) - 1 - logvar)).mean(0), kind="stable")
+    sweep = torch.linspace(-20, 20, steps)  # --range 20
+    with torch.inference_mode():  # decode every (latent, value) in one batch, as traverse.py does
+        code = t["model"].encode(torch.from_numpy(t["dataset"].images[:1]).permute(0, 3, 1, 2).float() / 255)[0][0]
+        codes = code.repeat(10, steps, 1)
+        for cell, j in enumerate(order):
+            codes[cell, :, j] = sweep
+        expected = (torch.sigmoid(t["model"].decode(codes.reshape(10 * steps, 10))) * 255).round()
+    expected = expected.reshape(10, steps, size, size).numpy()
+    for cell in (0, 9):  # the most and the least informative latent
+        top, left = traverse.gif_cell_origin(cell, size, columns=5)  # 10 latents: 2 rows of 5
+        for k, frame in enumerate(frames):
+            value = k if k < steps else 2 * steps - 2 - k
+            assert np.array_equal(frame[top:top + size, left:left + size], expected[cell, value]), (cell, k)
+        assert not np.array_equal(expected[cell, 0], expected[cell, -1])  # the check can tell values apart
+
+
+def test_history_png_has_one_panel_per_logged_term(traversed):
+    state = load(traversed["checkpoint"])
+    series = traverse.history_series(state["history"], state["evaluations"])
+    assert [title for title, _, _ in series] == ["loss", "recon", "kl", "mi", "tc", "dwkl", "discrete_mig"]
+    assert series[1][1] == [2, 4, 6, 8] and series[1][2] == [h["recon"] for h in state["history"]]
+    assert series[-1][1] == [4, 8]
+    width, height = traverse.PANEL_WIDTH, traverse.PANEL_HEIGHT
+    with Image.open(traversed["folder"] / "grids" / "history.png") as image:
+        pixels = np.asarray(image.convert("L"))
+    assert pixels.shape == (3 * height, 3 * width)  # 7 panels, 3 to a row
+    for i in range(9):  # the title strip of each panel has text; the two empty slots are blank
+        top, left = i // 3 * height, i % 3 * width
+        assert (pixels[top + 2:top + 16, left + 56:left + 120] < 128).any() == (i < 7), i
+    assert (pixels[2 * height:, width:] == 255).all()
+
+
+def test_traverse_old_checkpoint_with_single_valued_factors(traversed, tmp_path, capsys):
+    state = load(traversed["checkpoint"])
+    for key in ("seed", "data_limit", "factor_names", "factor_sizes", "precision", "dataset_name", "beta"):
+        del state["config"][key]
+    for key in ("history", "evaluations", "final"):
+        del state[key]
+    torch.save(state, tmp_path / "old.pt")
+    capsys.readouterr()
+    argv = [str(tmp_path / "old.pt"), "--out", str(tmp_path / "g"), "--stats-subset", "1", "--steps", "2"]
+    assert traverse.main(argv) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "left out" in err[0]
+    assert all(name in err[0] for name in traversed["dataset"].factor_names)
+    assert sorted(os.listdir(tmp_path / "g")) == ["reconstructions.png", "samples.png", "traversal.gif",
+                                                  "traversal.png"]  # no history: no history.png
+    del state["config"]["arch"]
+    torch.save(state, tmp_path / "old.pt")
+    assert traverse.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "arch" in err[0] and "old.pt" in err[0]
+
+
+def test_traversal_labels_say_no_factor_when_none_varies():
+    labels = traverse.latent_labels([1, 0], np.array([0.005, 2.0]), np.zeros((2, 0)), [])
+    assert labels == ["z1  no factor  KL 2.00", "z0  no factor  KL 0.01  collapsed"]
+
+
+def test_traverse_metrics_without_factors_are_label_free(traversed, tmp_path, capsys):
+    images = traversed["dataset"].images[::6]  # 64 images, no factors
+    np.save(tmp_path / "unlabelled.npy", images[..., 0])
+    argv = [traversed["checkpoint"], "--data", str(tmp_path / "unlabelled.npy"), "--metrics",
+            "--steps", "2", "--out", str(tmp_path / "g")]
+    assert traverse.main(argv) == 0
+    report = json.loads((tmp_path / "g" / "metrics.json").read_text())
+    mu, logvar = train.encode_dataset(traversed["model"], train.ImageSource(images, torch.device("cpu")))
+    assert_same_numbers(report["metrics"], metrics.evaluate(mu, logvar))
+    assert set(report["metrics"]) == {"gaussian_total_correlation", "mutual_info_score"}
+    assert not (tmp_path / "g" / "mi.png").exists() and "label-free" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["c.pt", "--steps", "1"], "--steps"), (["c.pt", "--range", "0"], "--range"),
+    (["c.pt", "--range", "nan"], "--range"), (["c.pt", "--stats-subset", "0"], "--stats-subset"),
+    (["c.pt", "--image", "-1"], "--image"), (["c.pt", "--bogus"], "--bogus"),
+    (["c.pt", "--device", "tpu"], "invalid choice"), ([], "checkpoint")])
+def test_traverse_bad_arguments_exit_2_with_one_line(argv, message, capsys):
+    assert_one_line_usage_error(traverse.main, argv, "traverse.py", message, capsys)
+    assert traverse.parse_args(["c.pt", "--mig"]).metrics  # the former name of --metrics
+
+
+def test_traverse_bad_image_and_codes_path_exit_1_with_one_line(traversed, tmp_path, capsys):
+    for extra, message in ((["--image", "384"], "--image 384"),
+                           (["--codes", str(tmp_path / "missing" / "c.npz")], "--codes")):
+        assert traverse.main([traversed["checkpoint"], "--out", str(tmp_path), *extra]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0]
 
 
 def test_traverse_rejects_a_foreign_file(tmp_path, capsys):
     (tmp_path / "x.pt").write_bytes(b"not a checkpoint")
     assert traverse.main([str(tmp_path / "x.pt")]) == 1
     assert "x.pt" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- examples
+
+def test_bench_and_the_examples_report_a_bad_argument_in_one_line(capsys):
+    import bench
+    assert_one_line_usage_error(bench.main, ["--only", "nothing"], "bench.py", "invalid choice", capsys)
+    for script in ("metric_properties.py", "reproduce.py"):
+        run = subprocess.run([sys.executable, os.path.join(HERE, "examples", script), "table", "--bogus"],
+                             capture_output=True, text=True, cwd=HERE)
+        err = run.stderr.strip().splitlines()
+        assert run.returncode == 2 and len(err) == 1 and err[0].startswith(f"{script}: error:"), run.stderr
+        assert "--bogus" in err[0] and err[0].endswith("(see --help)")
+
+# the study runner, examples/reproduce.py
+
+_spec = importlib.util.spec_from_file_location("reproduce", os.path.join(HERE, "examples", "reproduce.py"))
+reproduce = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(reproduce)
+STUDY_DATA = "sprites:positions=2,orientations=2,scales=2"  # 3 x 2 x 2 x 2 x 2 = 48 images
+
+
+def study_argv(out, *extra):
+    """vae, and betatc at betas 1 and 2: three runs of two steps (beta does not multiply the vae)."""
+    return ["run", "--data", STUDY_DATA, "--models", "vae", "betatc", "--betas", "1", "2", "--seeds", "0",
+            "--steps", "2", "--out", out, *extra,
+            "--", "--device", "cpu", "--batch-size", "8", "--latents", "3"]
+
+
+def study_grid(*argv):
+    args, passthrough = reproduce.parse_args(["run", *argv])
+    return reproduce.grid(args, passthrough)
+
+
+def run_reproduce(*argv, **options):
+    return subprocess.run([sys.executable, os.path.join(HERE, "examples", "reproduce.py"), *argv],
+                          capture_output=True, text=True, cwd=HERE, **options)
+
+
+def test_study_grid_counts_names_and_commands():
+    runs = study_grid("--betas", "1", "2", "--seeds", "0", "1", "2")
+    names = [run["name"] for run in runs]
+    assert len(runs) == len(set(names)) == 5 * 3 + 2 * 2 * 3  # betas multiply betavae and betatc only
+    assert "sprites-ae-seed0-5000" in names and not any(n.startswith("sprites-vae-beta") for n in names)
+    betatc = runs[names.index("sprites-betatc-beta2-seed1-5000")]
+    assert reproduce.train_arguments(betatc) == [
+        "--data", "sprites", "--model", "betatc", "--beta", "2", "--seed", "1", "--steps", "5000",
+        "--arch", "conv", "--batch-size", "64", "--lr", "1e-3", "--precision", "auto", "--latents", "10",
+        "--out", os.path.join("runs", "sprites-betatc-beta2-seed1-5000.pt")]
+    # the README recipe keeps the previous release's names, however it is spelled; so does --device
+    default = [run["name"] for run in study_grid()]
+    assert [run["name"] for run in study_grid("--set", "lr=0.001")] == default
+    assert [run["name"] for run in study_grid("--", "--device", "cpu", "--log-every", "5")] == default
+    # any other option: a short hash, the same in either order or spelling, and in the command
+    a = study_grid("--models", "vae", "--seeds", "0", "--", "--lr", "5e-4", "--estimator", "mss")
+    b = study_grid("--models", "vae", "--seeds", "0", "--set", "estimator=mss", "--set", "lr=0.0005")
+    assert a[0]["name"] == b[0]["name"] and len(a[0]["name"]) == len("sprites-vae-seed0-5000-") + 6
+    assert a[0]["name"].startswith("sprites-vae-seed0-5000-") and a[0]["options"]["lr"] == "5e-4"
+    # an axis for one objective multiplies that objective only
+    runs = study_grid("--models", "vae", "factorvae", "--seeds", "0", "--set", "factorvae:gamma=10,35")
+    assert [run["options"].get("gamma") for run in runs] == [None, "10", "35"]
+    assert len({run["name"] for run in runs}) == 3
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--set", "beta=1,2"], "--betas"), (["--set", "lr"], "NAME=VALUE"), (["--set", "gan:gamma=1"], "gan"),
+    (["--models", "vae", "--set", "factorvae:gamma=1"], "not among --models"),
+    (["--", "--final-eval", "100"], "whole dataset"), (["--", "--resume"], "--resume"),
+    (["--", "5"], "'5'"), (["--workers", "0"], "--workers"), (["--models", "gan"], "invalid choice")])
+def test_study_bad_arguments_exit_2_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce.parse_args(["run", *argv])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_study_workers_get_gpus_round_robin_and_a_share_of_the_cores(monkeypatch):
+    envs = [reproduce.worker_environment(slot, 4, ["2", "5"], 16) for slot in range(4)]
+    assert [env["CUDA_VISIBLE_DEVICES"] for env in envs] == ["2", "5", "2", "5"]
+    assert {(env["OMP_NUM_THREADS"], env["MKL_NUM_THREADS"]) for env in envs} == {("4", "4")}
+    assert reproduce.worker_environment(1, 2, [], 16)["OMP_NUM_THREADS"] == "8"
+    assert reproduce.worker_environment(0, 3, [], 2)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    assert reproduce.visible_gpus(None, {}) == ["4", "6"] and reproduce.visible_gpus("0,3", {}) == ["0", "3"]
+    assert reproduce.visible_gpus("0,3", {"device": "cpu"}) == []
+
+
+def test_study_two_workers_finish_every_run_then_a_rerun_skips_them(tmp_path, capsys):
+    out = str(tmp_path / "study")
+    first = run_reproduce(*study_argv(out, "--workers", "2"))
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert f"2 worker(s): CPU, {max(1, reproduce.cpu_cores() // 2)} thread(s) each" in first.stdout
+    runs = study_grid(*study_argv(out)[1:])
+    assert first.stdout.count("python train.py") == len(runs) == 3
+    for run in runs:
+        state = load(run["out"])
+        assert reproduce.run_state(run["out"]) == "finished" and state["step"] == 2
+        assert (state["config"]["model"], state["config"]["seed"]) == (run["options"]["model"], 0)
+        assert state["config"]["batch_size"] == 8 and state["config"]["latents"] == 3
+    assert load(runs[2]["out"])["config"]["beta"] == 2.0
+    table = open(os.path.join(out, "table.md")).read().splitlines()
+    assert len(table) == 2 + 3 and all(f"| {reproduce.data_label(STUDY_DATA)} |" in row for row in table[2:])
+    before = {path: os.stat(path).st_mtime_ns for path in (run["out"] for run in runs)}
+    logs = {name: open(os.path.join(out, "logs", name)).read()
+            for name in os.listdir(os.path.join(out, "logs"))}
+    capsys.readouterr()
+    assert reproduce.main(study_argv(out, "--workers", "2")) == 0
+    second = capsys.readouterr().out
+    assert "3 runs in" in second and "3 finished (skipped)" in second
+    assert "python train.py" not in second and "worker(s)" not in second
+    assert {path: os.stat(path).st_mtime_ns for path in before} == before
+    assert {name: open(os.path.join(out, "logs", name)).read() for name in logs} == logs
+
+
+def test_study_ctrl_c_stops_every_worker_and_their_runs_resume(tmp_path, capsys):
+    out = tmp_path / "study"
+    argv = ["run", "--data", STUDY_DATA, "--models", "ae", "vae", "--seeds", "0", "--steps", "100000",
+            "--workers", "2", "--out", str(out)]
+    train_options = ["--", "--device", "cpu", "--batch-size", "8", "--latents", "3", "--log-every", "1"]
+    runner = subprocess.Popen([sys.executable, os.path.join(HERE, "examples", "reproduce.py"), *argv,
+                               *train_options], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              cwd=HERE)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # until both runs are training
+        logs = list(out.glob("logs/*.log"))
+        if len(logs) == 2 and all("step 2/" in log.read_text() for log in logs):
+            break
+        time.sleep(0.2)
+    runner.send_signal(signal.SIGINT)
+    output = runner.communicate(timeout=120)[0]
+    assert runner.returncode == 128 + signal.SIGINT, output
+    assert output.count("(checkpoint saved)") == 2 and "FAILED" not in output
+    checkpoints = sorted(out.glob("*.pt"))
+    assert len(checkpoints) == 2
+    for path in checkpoints:
+        assert load(path)["step"] >= 2 and "final" not in load(path)
+        assert reproduce.run_state(str(path)) == "unfinished"
+    capsys.readouterr()
+    assert reproduce.main([*argv, "--dry-run", *train_options]) == 0
+    listing = capsys.readouterr().out
+    assert listing.count("unfinished  python train.py") == listing.count("--resume") == 2
+
+
+def test_study_slurm_script_has_a_train_command_per_task_and_skips_finished_runs(tmp_path, monkeypatch,
+                                                                                  capsys):
+    out = str(tmp_path / "study")
+    monkeypatch.chdir(HERE)  # the script runs from the folder it was written in
+    assert reproduce.main(study_argv(out, "--slurm", "--gres", "gpu:1", "--time", "0:10:00",
+                                     "--sbatch", "account=lab", "--setup", "echo ready")) == 0
+    path = os.path.join(out, "study.sbatch")
+    assert f"sbatch {path}" in capsys.readouterr().out
+    assert subprocess.run(["bash", "-n", path]).returncode == 0
+    script = open(path).read()
+    runs = study_grid(*study_argv(out)[1:])
+    arms = [line.strip() for line in script.splitlines() if line.strip()[:1].isdigit()]
+    assert "#SBATCH --array=0-2\n" in script and len(arms) == len(runs) == 3
+    for line in ("#SBATCH --gres=gpu:1", "#SBATCH --time=0:10:00", "#SBATCH --account=lab", "echo ready"):
+        assert line + "\n" in script
+    for index, (arm, run) in enumerate(zip(arms, runs)):
+        assert arm.startswith(f"{index}) ") and arm.count("train.py") == 1
+        assert "python train.py " + " ".join(reproduce.train_arguments(run)) + ")" in arm
+    # task 0 finished: skipped; task 1 unfinished: --resume; task 2 missing: --force. A stand-in
+    # `python` prints the train.py command instead of training, and runs the state check for real.
+    torch.save({"config": {"dataset_size": 48}, "step": 2, "final": {"samples": 48}}, runs[0]["out"])
+    torch.save({"config": {"dataset_size": 48}, "step": 1}, runs[1]["out"])
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").write_text(
+        f'#!/bin/bash\nif [ "$1" = train.py ]; then echo "TRAIN $*"; else exec {sys.executable} "$@"; fi\n')
+    (tmp_path / "bin" / "python").chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    tasks = [subprocess.Popen(["bash", path], stdout=subprocess.PIPE, text=True, cwd="/",
+                              env=dict(env, SLURM_ARRAY_TASK_ID=str(i))) for i in range(3)]
+    outputs = [task.communicate(timeout=120)[0] for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0, 0]
+    assert "finished, skipped" in outputs[0] and "TRAIN" not in outputs[0]
+    for output, run, mode in ((outputs[1], runs[1], "--resume"), (outputs[2], runs[2], "--force")):
+        assert f"TRAIN train.py {' '.join(reproduce.train_arguments(run))} {mode}\n" in output
+
+
+def fake_checkpoint(path, model, seed, final, beta=6.0, data="sprites", size=100):
+    """A checkpoint as train.py saves it, reduced to what the table reads: plain containers."""
+    config = {"model": model, "beta": beta, "gamma": None, "lr": 0.001, "latents": 10, "seed": seed,
+              "data": data, "steps": 5000, "dataset_size": size, "dataset_name": data,
+              "factor_names": ["shape", "posX"], "factor_sizes": [3, 32]}
+    torch.save({"format": "disentangle-checkpoint-1", "config": config, "step": 5000, "final": final}, path)
+
+
+def test_study_table_reads_both_checkpoint_layouts_into_medians_and_ranges(tmp_path):
+    def new(gaussian, discrete, dci, sap):
+        return {"step": 5000, "samples": 100, "metrics": {
+            "mig_gaussian": {"mig": gaussian, "gaps": [gaussian, 0.0]}, "mig_discrete": {"mig": discrete},
+            "dci": {"disentanglement": dci, "importance": [[1.0, 0.0]]},
+            "sap_score": {"score": sap} if sap is not None else {"error": "one factor"}}}
+
+    for seed, values in enumerate([(0.5, 0.2, 0.9, 0.04), (0.1, 0.4, 0.7, None), (0.3, 0.0, 0.8, 0.06)]):
+        fake_checkpoint(tmp_path / f"tc6-{seed}.pt", "betatc", seed, new(*values))
+    for seed, mig in enumerate([0.2, 0.6]):  # the current release's layout
+        fake_checkpoint(tmp_path / f"tc2-{seed}.pt", "betatc", seed, beta=2.0, final={
+            "samples": 100, "gaussian_mig": {"mig": mig, "gaps": [mig]}, "discrete_mig": {"mig": mig / 2}})
+    fake_checkpoint(tmp_path / "vae-0.pt", "vae", 0, new(0.05, 0.1, 0.5, 0.01))
+    fake_checkpoint(tmp_path / "vae-1.pt", "vae", 1, new(0.15, 0.1, 0.5, 0.01), beta=4.0)  # beta: ignored
+    fake_checkpoint(tmp_path / "vae-1z-copy.pt", "vae", 1, new(0.9, 0.9, 0.9, 0.9))  # named after: left out
+    fake_checkpoint(tmp_path / "subset.pt", "betatc", 3, dict(new(0.9, 0.9, 0.9, 0.9), samples=50))
+    fake_checkpoint(tmp_path / "shapes.pt", "betavae", 0, new(0.25, 0.2, 0.5, 0.01), data="shapes")
+    torch.save({"format": "disentangle-checkpoint-1", "config": {"dataset_size": 100}, "step": 3},
+               tmp_path / "running.pt")
+    (tmp_path / "junk.pt").write_bytes(os.urandom(200))
+
+    assert reproduce.main(["table", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "table.md").read_text().splitlines()
+    assert table[0] == ("| data | objective | settings | seeds | mig_gaussian | mig_discrete | "
+                        "dci.disentanglement | sap_score |")
+    assert table[2:] == [
+        "| shapes | beta-VAE | beta 6 | 1 | 0.250 [0.250, 0.250] | 0.200 [0.200, 0.200] | "
+        "0.500 [0.500, 0.500] | 0.010 [0.010, 0.010] |",
+        "| sprites | VAE |  | 2 | 0.100 [0.050, 0.150] | 0.100 [0.100, 0.100] | "
+        "0.500 [0.500, 0.500] | 0.010 [0.010, 0.010] |",
+        "| sprites | beta-TCVAE | beta 2 | 2 | 0.400 [0.200, 0.600] | 0.200 [0.100, 0.300] |  |  |",
+        "| sprites | beta-TCVAE | beta 6 | 3 | 0.300 [0.100, 0.500] | 0.200 [0.000, 0.400] | "
+        "0.800 [0.700, 0.900] | 0.050 [0.040, 0.060] (2 seeds) |"]
+    report = json.loads((tmp_path / "table.json").read_text())
+    assert sorted(report["not_counted"]) == ["junk.pt", "running.pt", "subset.pt", "vae-1z-copy.pt"]
+    tc6 = report["rows"][3]
+    assert tc6["seeds"] == [0, 1, 2] and tc6["checkpoints"] == ["tc6-0.pt", "tc6-1.pt", "tc6-2.pt"]
+    assert tc6["metrics"]["mig_gaussian"] == {"median": 0.3, "min": 0.1, "max": 0.5,
+                                              "values": [0.5, 0.1, 0.3]}
+    assert tc6["metrics"]["sap_score"]["values"] == [0.04, None, 0.06]
+    for name, colour in (("mig-sprites.png", "#d95f02"), ("mig-shapes.png", "#1b9e77"),
+                         ("mig_vs_beta-sprites.png", "#1b9e77")):
+        with Image.open(tmp_path / name) as image:
+            rgb = tuple(int(colour[i:i + 2], 16) for i in (1, 3, 5))
+            colours = {colour for _, colour in image.convert("RGB").getcolors(1 << 20)}
+            assert image.width > 200 and image.height > 200 and rgb in colours
+    assert not (tmp_path / "mig_vs_beta-shapes.png").exists()  # one beta there: no curve
+
+
+def test_study_state_and_table_errors(tmp_path, capsys):
+    assert reproduce.run_state(str(tmp_path / "none.pt")) == "missing"
+    fake_checkpoint(tmp_path / "unlabelled.pt", "vae", 0, {"step": 5000})  # nothing to measure
+    assert reproduce.run_state(str(tmp_path / "unlabelled.pt")) == "finished"
+    (tmp_path / "empty").mkdir()
+    assert reproduce.main(["table", "--out", str(tmp_path / "empty")]) == 1
+    assert reproduce.main(["table", "--out", str(tmp_path / "nowhere")]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert "no finished checkpoints" in err[0] and "nowhere: no such folder" in err[1]
