@@ -1,7 +1,9 @@
 """Throughput, memory and metric-speed figures for this toolkit; prints one table. Needs torch, numpy, pillow.
 
-    python bench.py            # a few minutes on 2 CPU cores
-    python bench.py --quick    # under a minute: fewer steps and rounds, smaller inputs
+    python bench.py                          # about half an hour on 2 CPU cores
+    python bench.py --quick                  # a few minutes: fewer steps and rounds, smaller inputs
+    python bench.py --only evaluation --checkpoint runs/sprites/sprites-betatc-beta6-seed0-5000.pt
+    python bench.py --only cuda              # on a CUDA machine: AMP against fp32, speeds
 
 Speeds are medians over interleaved rounds, measured in this one process; read them as ratios
 (absolute figures drift with the machine's load). Memory figures come from fresh subprocesses.
@@ -158,26 +160,31 @@ def trained_model(checkpoint, steps, folder):
     return train.model_from_checkpoint(state, checkpoint), state["config"]
 
 
-def bench_evaluation(checkpoint, steps, folder):
-    """train.py's final evaluation on the whole built-in sprites (encoding + metrics.evaluate), and
-    how much the MIGs of bf16-encoded means differ from those of fp32-encoded means."""
+def bench_evaluation(checkpoint, steps, folder, accuracy_rows):
+    """train.py's final evaluation on the whole built-in sprites (encoding at encoding_precision +
+    metrics.evaluate), and how much the MIGs of bf16-encoded means differ from those of fp32-encoded
+    means, on a fixed random subset of `accuracy_rows` images (bf16 is slow where it is emulated)."""
     model, config = trained_model(checkpoint, steps, folder)
     dataset = data.load(config["data"], limit=config["data_limit"], seed=config["seed"])
     source, index = train.ImageSource(dataset.images, torch.device("cpu")), np.arange(len(dataset))
+    precision = {None: "fp32", torch.bfloat16: "bf16"}[train.encoding_precision(torch.device("cpu"))]
     start = time.perf_counter()
     mu, logvar = train.encode_dataset(model, source)
     encoded = time.perf_counter()
-    result, _ = train.evaluate_codes(mu, logvar, dataset, index, seed=0)
+    train.evaluate_codes(mu, logvar, dataset, index, seed=0)
     done = time.perf_counter()
     row(f"final evaluation of {len(dataset):,} images", f"{done - start:.1f} s",
-        f"encoding {encoded - start:.1f} s (bf16 b256) + every metric {done - encoded:.1f} s")
-    exact_mu, exact_logvar = train.encode_dataset(model, source, dtype=None)
-    for name, call in (("discrete", metrics.discrete_mig), ("gaussian", metrics.gaussian_mig)):
-        fast = call(mu, dataset.factors) if name == "discrete" else call(mu, logvar, dataset.factors)
-        exact = (call(exact_mu, dataset.factors) if name == "discrete"
-                 else call(exact_mu, exact_logvar, dataset.factors))
-        row(f"{name} MIG of bf16 codes - of fp32 codes", f"{fast['mig'] - exact['mig']:+.4f}",
-            f"MIG {exact['mig']:.3f} (fp32), {'given checkpoint' if checkpoint else f'{steps} training steps'}")
+        f"encoding {encoded - start:.1f} s ({precision}, {len(dataset) / (encoded - start):,.0f} img/s) "
+        f"+ every metric {done - encoded:.1f} s")
+    rows = train.evaluation_index(dataset, accuracy_rows, seed=0)
+    codes = {name: train.encode_dataset(model, source, rows, dtype=dtype)
+             for name, dtype in (("bf16", torch.bfloat16), ("fp32", None))}
+    trained = "given checkpoint" if checkpoint else f"{steps} training steps"
+    for name, mig in (("discrete", lambda c: metrics.discrete_mig(c[0], dataset.factors[rows])),
+                      ("gaussian", lambda c: metrics.gaussian_mig(c[0], c[1], dataset.factors[rows]))):
+        fast, exact = mig(codes["bf16"])["mig"], mig(codes["fp32"])["mig"]
+        row(f"{name} MIG of bf16 codes - of fp32 codes", f"{fast - exact:+.4f}",
+            f"MIG {exact:.3f} (fp32) on {len(rows):,} images, {trained}")
 
 
 def bench_end_to_end():
@@ -379,7 +386,8 @@ def main(argv=None):
         if "encoding" in groups:
             bench_encoding(4096 if args.quick else 32768, 1 if args.quick else 3)
         if "evaluation" in groups:
-            bench_evaluation(args.checkpoint, 200 if args.quick else args.eval_steps, folder)
+            bench_evaluation(args.checkpoint, 200 if args.quick else args.eval_steps, folder,
+                             5_000 if args.quick else 100_000)
         if "end-to-end" in groups:
             bench_end_to_end()
         if "cuda" in groups:
