@@ -57,13 +57,13 @@ class Dataset:
         return f"Dataset({self.name!r}, images {shape} {self.images.dtype}, factors {self.factor_names})"
 
 
-def describe(ds):
+def describe(dataset):
     """One line saying what a Dataset holds, e.g. "sprites: 737280 images 64x64x1 uint8, factors
     shape(3) scale(6) ..." (images, height x width x channels in pixels, each factor and its number
     of classes; "factors none" if unlabelled). Raises ValueError if images are not (N, H, W, C)."""
-    n, h, w, c = ds.images.shape
-    factors = " ".join(f"{k}({s})" for k, s in zip(ds.factor_names, ds.factor_sizes)) or "none"
-    return f"{ds.name}: {n} images {h}x{w}x{c} uint8, factors {factors}"
+    n, h, w, c = dataset.images.shape
+    factors = " ".join(f"{k}({s})" for k, s in zip(dataset.factor_names, dataset.factor_sizes)) or "none"
+    return f"{dataset.name}: {n} images {h}x{w}x{c} uint8, factors {factors}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,7 +87,15 @@ def _reading(path, problem):
 
 
 def load(source, limit=None, seed=0, **options):
-    """Read a dataset from a built-in name (with optional "name:key=value,...") or a path."""
+    """Read a dataset from a built-in name (with optional "name:key=value,...") or a path.
+
+    source: a built-in name ("sprites", "shapes", options as "sprites:positions=8") or a file or
+    folder path (see the module docstring for the formats); limit: keep this many rows, drawn by
+    rng(seed) without replacement and sorted (None: all); options: the reader's keyword options.
+    Returns a Dataset: images uint8 (N, H, W, C), factors int64 (N, K) class indices or None,
+    factor_names, factor_sizes. Raises DataError (a ValueError) naming the source and the problem:
+    a missing or unreadable file, an unknown format or option, images or factors of the wrong shape.
+    """
     source = os.fspath(source)
     name, _, spec = source.partition(":")
     if name in _BUILTINS and not os.path.exists(source):

@@ -481,8 +481,9 @@ def beta_vae_score(codes, factors, samples=10_000, batch=64, seed=0):
     uniformly and draws `batch` pairs of rows that share that factor's value (the first row uniform
     over the data, the second uniform among rows with its value; on a full factor grid this is
     disentanglement_lib's sampling); its feature is the mean over the pairs of |code_a - code_b|
-    (D,), its label the factor. A multinomial logistic regression (NumPy, on standardised features)
-    learns the label; `samples // 2` new points test it. Random draws use default_rng(seed).
+    (D,), its label the factor. A multinomial logistic regression (NumPy, on features standardised
+    with the training points' mean and deviation, which disentanglement_lib does not do: it makes
+    the score independent of the codes' scale) learns the label; `samples // 2` new points test it. Random draws use default_rng(seed).
     Returns `score` = `eval_accuracy` (held-out accuracy) and `train_accuracy`, fractions in [0, 1];
     chance is 1 / K. Raises ValueError for bad shapes, non-finite codes, a factor with a single value
     or a factor value held by a single row (named: "factor 2 value 7").
@@ -692,13 +693,14 @@ def _modularity(mi):
 
 
 def modularity_explicitness(codes, factors, bins=20, seed=0):
-    """Modularity and explicitness (Ridgeway & Mozer 2018), as disentanglement_lib computes them.
+    """Modularity and explicitness (Ridgeway & Mozer 2018), after disentanglement_lib's definitions.
 
     codes (N, D) float, factors (N, K) int. Modularity: from the discrete MI (nats) of every code,
     binned into `bins` equal-width bins over its range, with every factor, over all N rows (the MI of
     discrete_mig), each code scores 1 - (sum over factors of MI^2 - its largest MI^2) / (largest *
     (K - 1)) and a code with no MI at all (a constant code) scores 0, as disentanglement_lib: so
-    collapsed codes pull the mean down. Equal to disentanglement_lib's modularity on the same codes.
+    collapsed codes pull the mean down. Equal to disentanglement_lib's modularity on the same codes
+    (disentanglement_lib passes it only its training rows; we use every row, which has less noise).
     Explicitness: per factor, a multinomial logistic regression (NumPy, L2 as scikit-learn's default)
     on all standardised codes, trained on TRAIN_POINTS rows drawn with default_rng(seed); its
     one-vs-rest ROC-AUC averaged over the factor's values, on those rows (`explicitness_train`) and

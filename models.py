@@ -10,7 +10,8 @@
 disentanglement papers for 64x64 images; `mlp` is the fully connected dSprites net of Chen et al.
 2018 ("Isolating Sources of Disentanglement"). The decoder returns logits: apply a sigmoid for
 pixel intensities. A deterministic model is a plain autoencoder: z = mu, logvar = 0. The
-discriminator is Kim & Mnih's 2018 ("Disentangling by Factorising"); losses.py trains it.
+discriminator is Kim & Mnih's 2018 ("Disentangling by Factorising"): losses.py has its loss and
+train.py its optimizer step.
 """
 import torch
 from torch import nn

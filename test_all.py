@@ -1880,6 +1880,14 @@ def test_resuming_a_finished_run_only_remeasures_the_mig(tmp_path):
         assert torch.equal(tensor, after["model"][key]), key
 
 
+def test_amp_flag_is_bf16_on_the_cpu_and_no_amp_is_fp32(tmp_path):
+    # --amp is mixed precision: bf16 autocast on the CPU (on CUDA, bf16 or fp16 as the GPU allows)
+    assert run_train(tmp_path, "--amp", "--steps", "2", name="amp.pt")[0] == 0
+    assert run_train(tmp_path, "--no-amp", "--steps", "2", name="fp32.pt")[0] == 0
+    assert load(tmp_path / "amp.pt")["config"]["precision"] == "bf16"
+    assert load(tmp_path / "fp32.pt")["config"]["precision"] == "fp32"
+
+
 def test_existing_checkpoint_is_not_overwritten(tmp_path, capsys):
     assert run_train(tmp_path)[0] == 0
     before = (tmp_path / "ckpt.pt").read_bytes()
@@ -1892,7 +1900,8 @@ def test_existing_checkpoint_is_not_overwritten(tmp_path, capsys):
     (["--beta", "-1"], "--beta"), (["--batch-size", "1"], "at least 2"), (["--steps", "0"], "--steps"),
     (["--latents", "0"], "--latents"), (["--model", "gan"], "invalid choice"), (["--lr", "0"], "--lr"),
     (["--capacity", "5"], "betavae"), (["--resume", "--force"], "pick one"), (["--bogus"], "--bogus"),
-    (["--lambda-od", "3"], "dipvae"), (["--steps", "x"], "invalid int")])
+    (["--lambda-od", "3"], "dipvae"), (["--steps", "x"], "invalid int"), (["--beta", "nan"], "finite"),
+    (["--model", "factorvae", "--gamma", "inf"], "finite"), (["--model", "betavae", "--capacity", "inf"], "finite")])
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
     assert_one_line_usage_error(train.main, argv, "train.py", message, capsys)
 
@@ -1938,6 +1947,23 @@ def test_checkpoint_missing_a_config_entry_is_filled_or_named(tmp_path, capsys):
     assert train.main(["--resume", "--out", out, "--steps", "9"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert "latents" in err[-1] and "ckpt.pt" in err[-1] and open(out, "rb").read() == before
+
+
+@pytest.mark.parametrize("entry,value,expected", [
+    ("batch_size", "8", "a whole number >= 1"), ("beta", "six", "a number >= 0"), ("lr", -1.0, "a number > 0"),
+    ("precision", "fp64", "fp32, bf16 or fp16"), ("estimator", "zzz", "mws or mss"), ("seed", None, "a whole number"),
+    ("latents", True, "a whole number >= 1"), ("factor_sizes", "abc", "a list of whole numbers")])
+def test_checkpoint_config_entry_of_the_wrong_kind_is_named_in_one_line(tmp_path, capsys, entry, value,
+                                                                         expected):
+    code, out = run_train(tmp_path, "--steps", "2")
+    state = load(out)
+    state["config"][entry] = value
+    torch.save(state, out)
+    capsys.readouterr()
+    for main, argv in ((train.main, ["--resume", "--out", out, "--steps", "3"]), (traverse.main, [out])):
+        assert main(argv) == 1
+        assert capsys.readouterr().err.strip() == (f"error: {out}: the checkpoint's config has {entry} "
+                                                   f"{value!r} (expected {expected}); it cannot be used")
 
 
 def test_an_evaluation_that_cannot_be_measured_is_reported_and_training_goes_on(tmp_path, capsys):
@@ -2286,6 +2312,8 @@ def test_traverse_rejects_a_foreign_file(tmp_path, capsys):
     (tmp_path / "x.pt").write_bytes(b"not a checkpoint")
     assert traverse.main([str(tmp_path / "x.pt")]) == 1
     assert "x.pt" in capsys.readouterr().err
+    assert traverse.main([str(tmp_path)]) == 1
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path}: is a folder, not a checkpoint file"
 
 
 # ----------------------------------------------------------------------------- examples
@@ -2293,6 +2321,9 @@ def test_traverse_rejects_a_foreign_file(tmp_path, capsys):
 def test_bench_and_the_examples_report_a_bad_argument_in_one_line(capsys):
     import bench
     assert_one_line_usage_error(bench.main, ["--only", "nothing"], "bench.py", "invalid choice", capsys)
+    assert_one_line_usage_error(bench.main, ["--eval-steps", "0"], "bench.py", "--eval-steps", capsys)
+    assert bench.main(["--only", "evaluation", "--checkpoint", "nosuch.pt"]) == 1  # a bad file: one line
+    assert capsys.readouterr().err.strip() == "error: nosuch.pt: no such checkpoint file"
     for script in ("metric_properties.py", "reproduce.py"):
         run = subprocess.run([sys.executable, os.path.join(HERE, "examples", script), "table", "--bogus"],
                              capture_output=True, text=True, cwd=HERE)
@@ -2448,8 +2479,8 @@ def test_study_slurm_script_has_a_train_command_per_task_and_skips_finished_runs
         assert "python train.py " + " ".join(reproduce.train_arguments(run)) + ")" in arm
     # task 0 finished: skipped; task 1 unfinished: --resume; task 2 missing: --force. A stand-in
     # `python` prints the train.py command instead of training, and runs the state check for real.
-    torch.save({"config": {"dataset_size": 48}, "step": 2, "final": {"samples": 48}}, runs[0]["out"])
-    torch.save({"config": {"dataset_size": 48}, "step": 1}, runs[1]["out"])
+    fake_checkpoint(runs[0]["out"], "vae", 0, {"samples": 48}, size=48, step=2)
+    fake_checkpoint(runs[1]["out"], "betatc", 0, None, size=48, step=1)
     (tmp_path / "bin").mkdir()
     (tmp_path / "bin" / "python").write_text(
         f'#!/bin/bash\nif [ "$1" = train.py ]; then echo "TRAIN $*"; else exec {sys.executable} "$@"; fi\n')
@@ -2464,12 +2495,15 @@ def test_study_slurm_script_has_a_train_command_per_task_and_skips_finished_runs
         assert f"TRAIN train.py {' '.join(reproduce.train_arguments(run))} {mode}\n" in output
 
 
-def fake_checkpoint(path, model, seed, final, beta=6.0, data="sprites", size=100):
-    """A checkpoint as train.py saves it, reduced to what the table reads: plain containers."""
+def fake_checkpoint(path, model, seed, final, beta=6.0, data="sprites", size=100, step=5000):
+    """A checkpoint as train.py saves it, reduced to what the table reads (no weights); `final`
+    None: an unfinished run."""
     config = {"model": model, "beta": beta, "gamma": None, "lr": 0.001, "latents": 10, "seed": seed,
-              "data": data, "steps": 5000, "dataset_size": size, "dataset_name": data,
+              "data": data, "steps": 5000, "dataset_size": size, "dataset_name": data, "arch": "conv",
+              "channels": 1, "size": 64, "batch_size": 64, "recon": "bce",
               "factor_names": ["shape", "posX"], "factor_sizes": [3, 32]}
-    torch.save({"format": "disentangle-checkpoint-1", "config": config, "step": 5000, "final": final}, path)
+    state = {"format": train.CHECKPOINT_FORMAT, "config": config, "step": step, "model": {}, "optimizer": {}}
+    torch.save(state if final is None else {**state, "final": final}, path)
 
 
 def test_study_table_reads_both_checkpoint_layouts_into_medians_and_ranges(tmp_path):

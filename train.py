@@ -14,18 +14,20 @@ same global batch, the codes of the whole batch are gathered for the objectives 
 
 This file is also the runtime that traverse.py and bench.py share; those names form its public part
 (the banner "shared runtime" below): UserError, ArgumentParser, HelpFormatter, report_errors,
-resolve_device, check_dataset, to_float, ImageSource, encoding_precision, encode_dataset, evaluation_index,
-evaluate_codes, plain, CHECKPOINT_FORMAT, save_checkpoint, load_checkpoint, model_from_checkpoint,
-and main. Everything else (names with a leading underscore) is the training command's own.
+resolve_device, check_dataset, to_float, ImageSource, encoding_precision, encode_dataset,
+evaluation_index, evaluate_codes, plain, CHECKPOINT_FORMAT, save_checkpoint, load_checkpoint,
+build_model, model_from_checkpoint, and main. Everything else (names with a leading underscore) is the training command's own.
 """
 import argparse
 import contextlib
 import math
 import os
+import pickle
 import random
 import signal
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -65,8 +67,8 @@ def report_errors(work, debug=False):
     """Run work(): a problem with the user's input is one line on stderr and exit code 1."""
     try:
         return work()
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+    except KeyboardInterrupt as error:
+        print(f"\ninterrupted{': ' + str(error) if str(error) else ''}", file=sys.stderr)
         return 130
     except (UserError, data.DataError) as error:
         if debug:
@@ -227,13 +229,21 @@ _CONFIG_DEFAULTS = {"beta": 6.0, "alpha": 1.0, "gamma": None, "estimator": "mws"
 def load_checkpoint(path):
     """Read a checkpoint of this toolkit (weights only, no pickle) with its config completed from
     the defaults above; UserError naming the file and what is wrong otherwise."""
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a folder, not a checkpoint file")
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such checkpoint file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many kinds here; all mean "not a usable checkpoint"
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"{path}: not a readable checkpoint ({first_line[:200]})") from error
+        with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # weights_only refused it, or it is no pickle at all
+        raise UserError(f"{path}: not a checkpoint of this toolkit (not a torch file of tensors and "
+                        "plain containers)") from error
+    except Exception as error:  # only torch.load is inside: whatever else it raises (EOFError,
+        # KeyError, RuntimeError, ...) means the same
+        raise UserError(f"{path}: not a readable checkpoint (truncated, or not a file that "
+                        f"torch.save wrote: {type(error).__name__})") from error
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path}: not a checkpoint of this toolkit (expected format "
                         f"{CHECKPOINT_FORMAT!r}); it may come from another program or version")
@@ -245,21 +255,68 @@ def load_checkpoint(path):
         raise UserError(f"{path}: the checkpoint's config lacks {', '.join(missing)} (written by "
                         "another version of this toolkit?); it cannot be used")
     state["config"] = {**_CONFIG_DEFAULTS, **state["config"]}
+    problem = _config_problem(state["config"])
+    if problem:
+        raise UserError(f"{path}: the checkpoint's config has {problem}; it cannot be used")
     return state
+
+
+def _config_problem(config):
+    """The first config entry that training or drawing could not use, as "NAME VALUE (expected
+    ...)", or None: a hand-edited or foreign checkpoint then fails in one line, not in a traceback."""
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool)
+    optional = lambda check: lambda v: v is None or check(v)
+    expected = {
+        "model": (lambda v: v in losses.OBJECTIVES, f"one of {', '.join(losses.OBJECTIVES)}"),
+        "arch": (lambda v: v in models.ARCHS, f"one of {', '.join(models.ARCHS)}"),
+        "recon": (lambda v: v in ("bce", "mse"), "bce or mse"),
+        "estimator": (lambda v: v in ("mws", "mss"), "mws or mss"),
+        "precision": (lambda v: v in ("fp32", "bf16", "fp16"), "fp32, bf16 or fp16"),
+        "latents": (lambda v: whole(v) and v >= 1, "a whole number >= 1"),
+        "channels": (lambda v: v in (1, 3), "1 or 3"),
+        "size": (lambda v: whole(v) and v >= 1, "a whole number >= 1"),
+        "batch_size": (lambda v: whole(v) and v >= 1, "a whole number >= 1"),
+        "steps": (lambda v: whole(v) and v >= 1, "a whole number >= 1"),
+        "dataset_size": (lambda v: whole(v) and v >= 1, "a whole number >= 1"),
+        "seed": (whole, "a whole number"),
+        "capacity_steps": (lambda v: whole(v) and v >= 0, "a whole number >= 0"),
+        "data_limit": (optional(lambda v: whole(v) and v >= 2), "none or a whole number >= 2"),
+        "lr": (lambda v: number(v) and v > 0, "a number > 0"),
+        "beta": (lambda v: number(v) and v >= 0, "a number >= 0"),
+        "alpha": (lambda v: number(v) and v >= 0, "a number >= 0"),
+        **{name: (optional(lambda v: number(v) and v >= 0), "none or a number >= 0")
+           for name in ("gamma", "capacity", "lambda_od", "lambda_d")},
+        "data": (lambda v: isinstance(v, str), "a dataset name or path"),
+        "dataset_name": (lambda v: isinstance(v, str), "a string"),
+        "factor_names": (lambda v: isinstance(v, (list, tuple)) and all(isinstance(n, str) for n in v),
+                         "a list of names"),
+        "factor_sizes": (lambda v: isinstance(v, (list, tuple)) and all(whole(n) for n in v),
+                         "a list of whole numbers"),
+    }
+    for name, (valid, description) in expected.items():
+        if not valid(config[name]):
+            return f"{name} {config[name]!r} (expected {description})"
+    return None
+
+
+def build_model(config):
+    """The freshly initialised model a run's config describes (its arch, latents, channels, size
+    and objective), on the CPU; the conv net channels-last, as oneDNN's convolutions run fastest."""
+    model = models.build_model(config["arch"], config["latents"], config["channels"], config["size"],
+                               deterministic=config["model"] == "ae")
+    return model.to(memory_format=torch.channels_last) if config["arch"] == "conv" else model
 
 
 def model_from_checkpoint(state, path="checkpoint"):
     """The model of a loaded checkpoint (on the CPU, in training mode), with its weights."""
-    config = state["config"]
     try:
-        model = models.build_model(config["arch"], config["latents"], config["channels"],
-                                   config["size"], deterministic=config["model"] == "ae")
+        model = build_model(state["config"])
         model.load_state_dict(state["model"])
-        if config["arch"] == "conv":  # as trained: oneDNN's convolutions are fastest channels-last
-            model = model.to(memory_format=torch.channels_last)
-    except (RuntimeError, ValueError) as error:
+    except (RuntimeError, ValueError) as error:  # torch's first line is a header: say what does not fit
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
         raise UserError(f"{path}: model weights do not fit the model in its config: "
-                        f"{str(error).splitlines()[0]}") from error
+                        f"{lines[min(1, len(lines) - 1)][:300]}") from error
     return model
 
 
@@ -395,7 +452,8 @@ def _parse_args(argv=None):
     args.explicit = set(vars(_make_parser(suppress_defaults=True).parse_args(argv)))
     weights = [args.beta, args.alpha] + [w for w in (args.gamma, args.lambda_od, args.lambda_d) if w is not None]
     checks = [
-        (min(weights) < 0, "--beta, --alpha, --gamma, --lambda-od and --lambda-d must be >= 0"),
+        (not all(math.isfinite(w) and w >= 0 for w in weights),
+         "--beta, --alpha, --gamma, --lambda-od and --lambda-d must be finite numbers >= 0"),
         (args.latents < 1, "--latents must be at least 1"),
         (args.batch_size < 1, "--batch-size must be positive"),
         (args.batch_size < 2 and args.model in BATCH_OBJECTIVES,
@@ -403,7 +461,8 @@ def _parse_args(argv=None):
         (args.steps < 1, "--steps must be positive"),
         (args.epochs is not None and args.epochs <= 0, "--epochs must be positive"),
         (not args.lr > 0 or not math.isfinite(args.lr), "--lr must be a positive number"),
-        (args.capacity is not None and args.capacity < 0, "--capacity must be >= 0"),
+        (args.capacity is not None and not (math.isfinite(args.capacity) and args.capacity >= 0),
+         "--capacity must be a finite number >= 0"),
         (args.capacity_steps < 0, "--capacity-steps must be >= 0"),
         (args.data_limit is not None and args.data_limit < 2, "--data-limit must be at least 2"),
         (min(args.save_every, args.log_every, args.eval_subset) < 1,
@@ -418,9 +477,7 @@ def _parse_args(argv=None):
         if failed:
             parser.error(message)
     if args.amp is not None and "precision" not in args.explicit:
-        args.precision = "auto" if args.amp else "fp32"
-    if args.precision == "auto" and args.amp:
-        args.precision = "bf16"  # --amp on the CPU; on CUDA _resolve_precision picks the AMP dtype
+        args.precision = "amp" if args.amp else "fp32"  # "amp" is resolved once the device is known
     return parser, args
 
 
@@ -496,10 +553,11 @@ def _gather(tensor):
 
 
 def _resolve_precision(precision, device):
-    """(autocast dtype or None, whether a GradScaler is needed)."""
-    if precision == "auto":
+    """(autocast dtype or None, whether a GradScaler is needed). "auto" is AMP on CUDA and fp32
+    elsewhere; "amp" (--amp) is AMP on CUDA and bf16 elsewhere."""
+    if precision in ("auto", "amp"):
         if device.type != "cuda":
-            return None, False
+            return (torch.bfloat16 if precision == "amp" else None), False
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if precision == "fp16" and device.type != "cuda":
         raise UserError("--precision fp16 needs CUDA; use bf16 on the CPU")
@@ -541,11 +599,8 @@ class _Run:
 
     def __init__(self, args, dataset, device, config):
         self.args, self.dataset, self.device, self.config = args, dataset, device, config
-        self.autocast_dtype, needs_scaler = _resolve_precision(args.precision, device)
-        self.model = models.build_model(args.arch, args.latents, config["channels"], config["size"],
-                                        args.model == "ae").to(device)
-        if args.arch == "conv":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.autocast_dtype, needs_scaler = _resolve_precision(config["precision"], device)  # resolved
+        self.model = build_model(config).to(device)
         fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr, **fast)
         self.scaler = torch.amp.GradScaler(device.type, enabled=needs_scaler)
@@ -556,6 +611,8 @@ class _Run:
                 self.discriminator.parameters(), lr=losses.DISCRIMINATOR_LR,
                 betas=losses.DISCRIMINATOR_BETAS, **fast)
         self.sampler = _BatchSampler(len(dataset), args.batch_size, args.seed)
+        world, rank = _world_size(), _rank()  # this process's slice of every global batch
+        self.local = slice(rank * args.batch_size // world, (rank + 1) * args.batch_size // world)
         self.step, self.history, self.evaluations, self.skipped = 0, [], [], 0
         self.hyper = dict(beta=args.beta, alpha=args.alpha, gamma=args.gamma, dataset_size=len(dataset),
                           recon=config["recon"], estimator=args.estimator, capacity=args.capacity,
@@ -655,13 +712,17 @@ def _train_step(run, x, noise):
                                    tc_logits=tc_logits, **run.hyper)
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
+    # what the step checks and logs, read from the device in one go
+    measured = {"loss": loss.detach().float()}
     if run.discriminator is not None:
-        terms.update(_discriminator_step(run, z.detach().float()))
-    terms = _mean_over_processes({"loss": loss.item(), **terms}, run.device)
-    finite = all(math.isfinite(v) for v in terms.values())
-    if finite and not run.scaler.is_enabled():  # the GradScaler skips non-finite gradients itself
-        finite = math.isfinite(torch.nn.utils.get_total_norm(
-            [p.grad for p in run.model.parameters() if p.grad is not None]).item())
+        measured.update(_discriminator_step(run, z.detach().float()))
+    if not run.scaler.is_enabled():  # the GradScaler skips non-finite gradients itself
+        measured["gradient_norm"] = torch.nn.utils.get_total_norm(
+            [p.grad for p in run.model.parameters() if p.grad is not None])
+    values = dict(zip(measured, torch.stack([v.float() for v in measured.values()]).tolist()))
+    finite = math.isfinite(values.pop("gradient_norm", 0.0))
+    terms = _mean_over_processes({"loss": values.pop("loss"), **terms, **values}, run.device)
+    finite = finite and all(math.isfinite(v) for v in terms.values())
     if finite:
         run.scaler.step(run.optimizer)
         run.scaler.update()
@@ -680,14 +741,14 @@ def _fixed_discriminator(discriminator, z):
 def _discriminator_step(run, z):
     """FactorVAE: the discriminator learns to tell z from its dimension-wise permutation (z is
     detached: this step does not train the encoder). Its optimizer steps with the model's."""
-    local = slice(_rank() * len(z) // _world_size(), (_rank() + 1) * len(z) // _world_size())
     permuted = losses.permute_dims(z)  # of the whole batch, the same on every process
     run.discriminator_optimizer.zero_grad(set_to_none=True)
-    logits_joint, logits_permuted = run.step_discriminator(torch.cat([z[local], permuted[local]])).chunk(2)
+    logits_joint, logits_permuted = run.step_discriminator(
+        torch.cat([z[run.local], permuted[run.local]])).chunk(2)
     loss = losses.discriminator_loss(logits_joint, logits_permuted)
     loss.backward()
     accuracy = losses.discriminator_accuracy(logits_joint, logits_permuted)
-    return {"discriminator_loss": loss.item(), "discriminator_accuracy": accuracy.item()}
+    return {"discriminator_loss": loss.detach(), "discriminator_accuracy": accuracy.detach()}
 
 
 def _mean_over_processes(terms, device):
@@ -769,15 +830,14 @@ def train(parser, args):
 
 def _loop(run, stop):
     """The training loop, until --steps or a signal; returns its progress meter (for the rate)."""
-    args, device, world = run.args, run.device, _world_size()
-    local = slice(_rank() * args.batch_size // world, (_rank() + 1) * args.batch_size // world)
+    args, device = run.args, run.device
     progress = _Progress(args.steps, run.step, args.batch_size, args.log_every, live=_rank() == 0)
     window, skipped_in_a_row = {}, 0
     while run.step < args.steps and not _any_process_stopping(stop, device):
         # this process's slice of the global batch, and of the global reparameterisation noise
         index = run.sampler.next()
-        noise = torch.randn(args.batch_size, args.latents, device=device)[local]
-        terms, finite = _train_step(run, run.source.batch(index[local]), noise)
+        noise = torch.randn(args.batch_size, args.latents, device=device)[run.local]
+        terms, finite = _train_step(run, run.source.batch(index[run.local]), noise)
         # a non-finite loss or gradient: skip the batch (--skip-nonfinite) or stop
         if not finite:
             run.skipped, skipped_in_a_row = run.skipped + 1, skipped_in_a_row + 1
@@ -869,7 +929,8 @@ class _StopRequest:
         if self.raise_now:
             raise _Interrupted(signum)
         if self.signal is not None:  # a second Ctrl-C: leave at once (the last save stays)
-            raise KeyboardInterrupt
+            raise KeyboardInterrupt("a second signal: left without saving; --out keeps its last "
+                                    "save, if the run had saved yet")
         self.signal = signum
 
     @contextlib.contextmanager

@@ -16,7 +16,8 @@ Writes into --out (default: the checkpoint's folder):
                        checkpoint's history holds two points or more)
   metrics.json         with --metrics: every metric of metrics.evaluate on the whole dataset
   mi.png               with --metrics: the mutual information of each latent with each factor,
-                       divided by the factor's entropy (Chen et al.'s Gaussian estimator)
+                       divided by the factor's entropy (Chen et al.'s Gaussian estimator; the
+                       discretized estimator's where the Gaussian one could not be measured)
 and, with --codes PATH, one .npz (np.savez, no pickle) of the whole dataset: `mu` and `logvar`, the
 posterior means and log-variances, float32 (N, latents); for labelled data also `factors`, int64
 (N, K), `factor_names`, a unicode array (K,), and `factor_sizes`, int64 (K,).

@@ -59,10 +59,6 @@ MIGS = {"mig_gaussian": "MIG (Chen et al.)", "mig_discrete": "MIG (discretized)"
 COLOURS = ("#666666", "#7570b3", "#1b9e77", "#d95f02", "#e7298a", "#66a61e", "#e6ab02")
 
 
-class UserError(Exception):
-    """A problem with the user's input or files: one line on stderr, exit code 1."""
-
-
 # ----------------------------------------------------------------------------- the grid
 
 def number(value):
@@ -182,9 +178,8 @@ def run_state(path):
     if not os.path.exists(path):
         return "missing"
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        return "finished" if is_finished(checkpoint) else "unfinished"
-    except Exception:  # unreadable or foreign: train.py --resume says what is wrong with it
+        return "finished" if is_finished(train.load_checkpoint(path)) else "unfinished"
+    except train.UserError:  # unreadable or foreign: train.py --resume says what is wrong with it
         return "unfinished"
 
 
@@ -402,11 +397,10 @@ def collect(folder):
     the files left out: unfinished, not checkpoints, or a second checkpoint of the same run."""
     groups, left_out = {}, []
     for file in sorted(f for f in os.listdir(folder) if f.endswith(".pt")):
-        try:
-            checkpoint = torch.load(os.path.join(folder, file), map_location="cpu",
-                                    weights_only=True, mmap=True)
+        try:  # the config completed as train.py reads it, so older checkpoints group with newer
+            checkpoint = train.load_checkpoint(os.path.join(folder, file))
             config, finished = checkpoint["config"], is_finished(checkpoint)
-        except Exception:  # not a checkpoint of this toolkit
+        except train.UserError:  # not a checkpoint of this toolkit
             finished = False
         if not finished:
             left_out.append(file)
@@ -485,11 +479,11 @@ def markdown(rows):
 def write_table(folder):
     """table.md, table.json and the MIG figures of every finished checkpoint in `folder`."""
     if not os.path.isdir(folder):
-        raise UserError(f"--out {folder}: no such folder")
+        raise train.UserError(f"--out {folder}: no such folder")
     groups, left_out = collect(folder)
     if not groups:
         this = os.path.relpath(os.path.abspath(__file__))
-        raise UserError(f"{folder}: no finished checkpoints ({len(left_out)} other .pt files); train "
+        raise train.UserError(f"{folder}: no finished checkpoints ({len(left_out)} other .pt files); train "
                         f"them with: python {this} run --out {folder}")
     rows = summarise(groups)
     text = markdown(rows)
@@ -722,8 +716,8 @@ def parse_args(argv):
     return args, passthrough
 
 
-def main(argv=None):
-    args, passthrough = parse_args(argv)
+def run_stage(args, passthrough):
+    """The stage the command line asked for; a file that cannot be read or written is a UserError."""
     try:
         if args.stage == "state":
             print(run_state(args.checkpoint))
@@ -732,12 +726,13 @@ def main(argv=None):
             return write_table(args.out)
         runs = grid(args, passthrough)
         return write_slurm(args, runs) if args.slurm else run_study(args, runs)
-    except (UserError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    except OSError as error:
+        raise train.UserError(str(error)) from error
+
+
+def main(argv=None):
+    args, passthrough = parse_args(argv)
+    return train.report_errors(lambda: run_stage(args, passthrough))
 
 
 if __name__ == "__main__":
