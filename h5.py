@@ -563,7 +563,8 @@ class H5Dataset:
     """A dataset: `.name`, `.shape`, `.ndim`, `.size`, `.dtype`, `.chunks` and `.chunk_index` (None
     unless chunked; one of CHUNK_INDEXES or "v1 B-tree"), `.stored_chunks()`, and numpy-style reads
     into a new array: `ds[()]`, `ds[:]`, `ds[a:b]`, `ds[i, j]`, `ds[a:b, ...]`, positive steps,
-    and on the first axis a sorted list of distinct indices (`ds[[2, 5, 9]]`). A bad index raises
+    and on the first axis a sorted list of distinct indices (`ds[[2, 5, 9]]`) or a boolean mask of
+    the axis' length (`ds[mask]`, its True rows). A bad index raises
     IndexError or TypeError as in numpy; an unsorted index list (h5py refuses those too) or a
     damaged or unsupported dataset raises H5Error naming the file and the dataset."""
 
@@ -729,6 +730,11 @@ class H5Dataset:
                 if not 0 <= i < length:
                     raise IndexError(f"index {int(item)} is out of range for axis {axis} with size {length}")
                 wanted = range(i, i + 1)
+            elif listed is not None and listed.ndim == 1 and listed.dtype == bool:  # a mask, as in h5py
+                if len(listed) != length:
+                    raise IndexError(f"a boolean mask of {len(listed)} entries for axis 0 of size {length}")
+                wanted = np.flatnonzero(listed)
+                shape.append(len(wanted))
             elif listed is not None and listed.ndim == 1 and (listed.dtype.kind in "iu" or listed.size == 0):
                 wanted = listed.astype(np.int64)
                 if wanted.size and (wanted.min() < 0 or wanted.max() >= length):
@@ -738,8 +744,9 @@ class H5Dataset:
                                        "without repeats, as in h5py (read np.unique of it, then reorder)")
                 shape.append(len(wanted))
             else:
-                raise TypeError(f"unsupported index {item!r}: use integers, slices, ... or a sorted index "
-                                "list on the first axis")
+                described = f"array {listed.dtype} {listed.shape}" if listed is not None else repr(item)[:80]
+                raise TypeError(f"unsupported index ({described}) on axis {axis}: use integers, slices, ..., "
+                                "or on the first axis a sorted index list or a boolean mask")
             selection.append(wanted)
         return selection, tuple(shape)
 

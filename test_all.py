@@ -1306,6 +1306,10 @@ def test_index_lists_must_be_sorted_and_distinct():
             ds[[1, 50]]
         with pytest.raises(TypeError):
             ds[:, [0, 1]]  # index lists on the first axis only
+        mask = np.arange(len(want)) % 3 == 1  # a boolean mask reads its True rows, as in h5py
+        _same(ds[mask], want[mask])
+        with pytest.raises(IndexError, match="boolean mask of 3 entries"):
+            ds[np.array([True, False, True])]
 
 
 def test_load_dsprites():
@@ -2134,6 +2138,7 @@ def test_torchrun_refuses_a_batch_that_does_not_divide(tmp_path):
     err = process.communicate(timeout=120)[1]
     assert process.returncode != 0 and "--batch-size 15 does not divide into 2 processes" in err
     assert "Traceback" not in err.split("does not divide")[0][-500:]
+    assert err.count("train.py: error:") == 1  # said by the first process only
 
 
 # ----------------------------------------------------------------------------- traverse

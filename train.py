@@ -51,7 +51,8 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse, but a bad argument is one line ("PROG: error: ... (see --help)"), exit code 2."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+        # under torchrun every process parses the same arguments: only the first says what is wrong
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n" if _first_process() else None)
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -73,7 +74,7 @@ def report_errors(work, debug=False):
     except (UserError, data.DataError) as error:
         if debug:
             raise
-        if _rank() == 0:  # under torchrun every process meets the same problem: say it once
+        if _first_process():  # under torchrun every process meets the same problem: say it once
             print(f"error: {error}", file=sys.stderr)
         return 1
 
@@ -517,6 +518,11 @@ def _merge_resumed_config(parser, args, config):
 
 def _rank():
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _first_process():
+    """Rank 0, also before the process group exists (torchrun sets RANK and TORCHELASTIC_RUN_ID)."""
+    return _rank() == 0 and ("TORCHELASTIC_RUN_ID" not in os.environ or os.environ.get("RANK", "0") == "0")
 
 
 def _world_size():

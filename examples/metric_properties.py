@@ -24,7 +24,7 @@ metric (1) a high score for every disentangled code and (2) a low score for ever
 the last lines of the output say which disentanglement scores meet each on these codes (DCI's
 informativeness and explicitness measure whether the factors can be read from the code at all, not
 how they are arranged in it, so they are shown but not judged).
-Needs the toolkit's data.py and metrics.py (numpy, pillow).
+Needs the toolkit's data.py and metrics.py (numpy, pillow), and train.py (torch) for its argument parser.
 """
 import argparse
 import json
