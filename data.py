@@ -367,7 +367,8 @@ def _checked(path, images, factors, names, sizes):
     if factors is None:
         return _dataset(images, None, (), (), os.path.basename(path))
     if factors.dtype.kind not in "iu" or factors.ndim != 2 or len(factors) != len(images):
-        raise DataError(f"{path}: factors {factors.dtype} {factors.shape} should be integers (N, K), N = {len(images)}")
+        raise DataError(f"{path}: factors are {factors.dtype} {factors.shape}; expected integers of shape "
+                        f"({len(images)}, K), one row per image")
     bad_sizes = sizes is not None and (np.ndim(sizes) != 1 or np.asarray(sizes).dtype.kind not in "iu")
     if names is not None and np.ndim(names) != 1 or bad_sizes:
         raise DataError(f"{path}: factor_names should be a list of names and factor_sizes a list of integers")
@@ -448,7 +449,8 @@ def _hdf5_factors(path, found, image_name, count):
     else:
         return None, None, None
     if factors.ndim != 2 or len(factors) != count or factors.dtype.kind not in "iu":
-        raise DataError(f"{path}: factors {factors.dtype} {factors.shape} should be integers ({count}, K)")
+        raise DataError(f"{path}: factors are {factors.dtype} {factors.shape}; expected integers of shape "
+                        f"({count}, K), one row per image")
     return factors, names, None
 
 

@@ -276,7 +276,8 @@ def dip_terms(mu, logvar=None):
     (DIP-VAE-I), or with logvar that plus E[diag exp(logvar)] (DIP-VAE-II): the covariance of z
     under the batch's aggregate posterior (1/B) sum_b N(mu_b, diag exp(logvar_b)). Cov[mu] uses
     the 1/B (mean-centred, biased) estimator, as disentanglement_lib does: with it C is exactly that
-    mixture's covariance (the law of total covariance); 1/(B-1) would scale Cov[mu] by B/(B-1). Returns sum_{i!=j} C_ij^2 and sum_i (C_ii - 1)^2. Raises ValueError for B < 2.
+    mixture's covariance (the law of total covariance); 1/(B-1) would scale Cov[mu] by B/(B-1).
+    Returns sum_{i!=j} C_ij^2 and sum_i (C_ii - 1)^2. Raises ValueError for B < 2.
     """
     if mu.shape[0] < 2:
         raise ValueError("the DIP-VAE penalty needs a batch of at least 2 to estimate a covariance")

@@ -483,7 +483,8 @@ def beta_vae_score(codes, factors, samples=10_000, batch=64, seed=0):
     disentanglement_lib's sampling); its feature is the mean over the pairs of |code_a - code_b|
     (D,), its label the factor. A multinomial logistic regression (NumPy, on features standardised
     with the training points' mean and deviation, which disentanglement_lib does not do: it makes
-    the score independent of the codes' scale) learns the label; `samples // 2` new points test it. Random draws use default_rng(seed).
+    the score independent of the codes' scale) learns the label; `samples // 2` new points test
+    it. Random draws use default_rng(seed).
     Returns `score` = `eval_accuracy` (held-out accuracy) and `train_accuracy`, fractions in [0, 1];
     chance is 1 / K. Raises ValueError for bad shapes, non-finite codes, a factor with a single value
     or a factor value held by a single row (named: "factor 2 value 7").

@@ -2390,7 +2390,10 @@ def test_study_grid_counts_names_and_commands():
     (["--set", "beta=1,2"], "--betas"), (["--set", "lr"], "NAME=VALUE"), (["--set", "gan:gamma=1"], "gan"),
     (["--models", "vae", "--set", "factorvae:gamma=1"], "not among --models"),
     (["--", "--final-eval", "100"], "whole dataset"), (["--", "--resume"], "--resume"),
-    (["--", "5"], "'5'"), (["--workers", "0"], "--workers"), (["--models", "gan"], "invalid choice")])
+    (["--", "5"], "'5'"), (["--workers", "0"], "--workers"), (["--models", "gan"], "invalid choice"),
+    (["--set", "foo=1"], "run sprites-ae-seed0-5000-"), (["--set", "foo=1"], "unrecognized arguments: --foo 1"),
+    (["--set", "lr=abc"], "invalid float value: 'abc'"), (["--", "--gamma", "-1"], "must be finite numbers >= 0"),
+    (["--set", "lr=1,2", "--set", "lr=3"], "given twice")])
 def test_study_bad_arguments_exit_2_with_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         reproduce.parse_args(["run", *argv])
@@ -2477,6 +2480,7 @@ def test_study_slurm_script_has_a_train_command_per_task_and_skips_finished_runs
     runs = study_grid(*study_argv(out)[1:])
     arms = [line.strip() for line in script.splitlines() if line.strip()[:1].isdigit()]
     assert "#SBATCH --array=0-2\n" in script and len(arms) == len(runs) == 3
+    assert script.index("set -eo pipefail") < script.index("echo ready") < script.index("set -u\n")
     for line in ("#SBATCH --gres=gpu:1", "#SBATCH --time=0:10:00", "#SBATCH --account=lab", "echo ready"):
         assert line + "\n" in script
     for index, (arm, run) in enumerate(zip(arms, runs)):

@@ -16,10 +16,12 @@ This file is also the runtime that traverse.py and bench.py share; those names f
 (the banner "shared runtime" below): UserError, ArgumentParser, HelpFormatter, report_errors,
 resolve_device, check_dataset, to_float, ImageSource, encoding_precision, encode_dataset,
 evaluation_index, evaluate_codes, plain, CHECKPOINT_FORMAT, save_checkpoint, load_checkpoint,
-build_model, model_from_checkpoint, and main. Everything else (names with a leading underscore) is the training command's own.
+build_model, model_from_checkpoint, argument_problem, and main. Everything else (names with a
+leading underscore) is the training command's own.
 """
 import argparse
 import contextlib
+import io
 import math
 import os
 import pickle
@@ -445,6 +447,17 @@ class _RawEpilogFormatter(HelpFormatter):
 
     def _fill_text(self, text, width, indent):
         return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
+def argument_problem(argv):
+    """The one line train.py would print for these arguments and exit 2 on, or None if they parse
+    and pass its checks (the study runner checks every run's arguments before starting any)."""
+    with contextlib.redirect_stderr(io.StringIO()) as said, contextlib.redirect_stdout(io.StringIO()):
+        try:
+            _parse_args(argv)
+        except SystemExit as stop:
+            return said.getvalue().strip() or f"exit {stop.code}"
+    return None
 
 
 def _parse_args(argv=None):
@@ -879,7 +892,8 @@ def _finish(run, stop, progress, resumed):
     final = {"step": run.step, "img_per_s": progress.rate(run.step), "skipped": run.skipped}
     if run.step == progress.start_step and resumed and "final" in resumed:  # nothing trained: keep the speed
         final["img_per_s"] = resumed["final"]["img_per_s"]
-    summary = f"done: {run.step} steps, {final['img_per_s']:,.0f} img/s"
+    summary = f"done: {run.step:,} step{'' if run.step == 1 else 's'}" + (
+        f", {final['img_per_s']:,.0f} img/s" if final["img_per_s"] > 0 else " (none trained now)")
     try:
         with stop.raising():  # a signal now skips the evaluation at once: the weights are saved
             summary += _final_evaluation(run, final)

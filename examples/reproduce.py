@@ -341,9 +341,10 @@ def slurm_script(args, runs):
              "# run i: skipped if its checkpoint is finished, resumed if it exists, started otherwise."]
     lines += [f"#SBATCH --{key}={value}" for key, value in sbatch if value]
     lines += [f"#SBATCH {option if option.startswith('-') else '--' + option}" for option in args.sbatch]
+    lines += ["set -eo pipefail",  # a failing --setup line stops the task
+              f"cd {shlex.quote(os.getcwd())}"]
     lines += args.setup + [
-        "set -euo pipefail",
-        f"cd {shlex.quote(os.getcwd())}",
+        "set -u",  # only after --setup: many activate scripts read unset variables
         'if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then',
         '  export OMP_NUM_THREADS="$SLURM_CPUS_PER_TASK" MKL_NUM_THREADS="$SLURM_CPUS_PER_TASK"',
         "fi",
@@ -705,6 +706,10 @@ def parse_args(argv):
         passthrough = parse_passthrough(argv[split + 1:])
         check_options(passthrough, "options after --")
         args.set = [parse_axis(text) for text in args.set]
+        repeated = {f"{scope}:{name}".lstrip(":") for i, (scope, name, _) in enumerate(args.set)
+                    if (scope, name) in [(s, n) for s, n, _ in args.set[:i]]}
+        if repeated:
+            raise ValueError(f"--set {sorted(repeated)[0]}=... is given twice: put all its values in one --set")
         check_options([name for _, name, _ in args.set], "--set")
     except ValueError as error:
         parser.error(str(error))
@@ -713,6 +718,11 @@ def parse_args(argv):
             parser.error(f"--set {scope}:{name}=...: {scope} is not among --models")
     if args.workers < 1 or args.steps < 1 or min(args.betas) < 0:
         parser.error("--workers and --steps must be positive, --betas >= 0")
+    for run in grid(args, passthrough):  # what train.py would refuse, said now rather than per run
+        problem = train.argument_problem(train_arguments(run) + ["--force"])
+        if problem:
+            problem = problem.removeprefix("train.py: error: ").removesuffix(" (see --help)")
+            parser.error(f"run {run['name']}: {problem}")
     return args, passthrough
 
 
