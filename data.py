@@ -87,15 +87,10 @@ def _reading(path, problem):
 
 
 def load(source, limit=None, seed=0, **options):
-    """Read a dataset from a built-in name (with optional "name:key=value,...") or a path.
-
-    source: a built-in name ("sprites", "shapes", options as "sprites:positions=8") or a file or
-    folder path (see the module docstring for the formats); limit: keep this many rows, drawn by
-    rng(seed) without replacement and sorted (None: all); options: the reader's keyword options.
-    Returns a Dataset: images uint8 (N, H, W, C), factors int64 (N, K) class indices or None,
-    factor_names, factor_sizes. Raises DataError (a ValueError) naming the source and the problem:
-    a missing or unreadable file, an unknown format or option, images or factors of the wrong shape.
-    """
+    """A Dataset (images uint8 (N, H, W, C); factors int64 (N, K) or None) from a built-in name,
+    options as "sprites:positions=8" or keywords, or a file or folder (formats: module docstring);
+    `limit` keeps that many rows, rng(seed)'s choice, sorted. Raises DataError naming the source and
+    the problem (missing, unreadable, unknown format or option, wrong shapes)."""
     source = os.fspath(source)
     name, _, spec = source.partition(":")
     if name in _BUILTINS and not os.path.exists(source):

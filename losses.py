@@ -361,7 +361,7 @@ def _betatc(mu, logvar, z, beta, alpha, gamma, dataset_size, estimator, terms):
     if dataset_size is None:
         raise ValueError("betatc needs dataset_size, the number of images in the dataset")
     gamma = 1.0 if gamma is None else gamma
-    mi, tc, dwkl = tc_terms(z, mu, logvar, dataset_size, estimator)  # float32, or float64 for float64
+    mi, tc, dwkl = tc_terms(z.float(), mu.float(), logvar.float(), dataset_size, estimator)  # float32, as every term
     offsets = estimator_offsets(estimator, dataset_size, z.shape[1])
     terms.update(mi=mi.mean() - offsets[0], tc=tc.mean() - offsets[1], dwkl=dwkl.mean() - offsets[2])
     return (alpha * mi + beta * tc + gamma * dwkl).mean()

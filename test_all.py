@@ -1955,7 +1955,7 @@ def test_checkpoint_missing_a_config_entry_is_filled_or_named(tmp_path, capsys):
 
 @pytest.mark.parametrize("entry,value,expected", [
     ("batch_size", "8", "a whole number >= 1"), ("beta", "six", "a number >= 0"), ("lr", -1.0, "a number > 0"),
-    ("precision", "fp64", "fp32, bf16 or fp16"), ("estimator", "zzz", "mws or mss"), ("seed", None, "a whole number"),
+    ("precision", "fp64", "one of fp32, bf16, fp16"), ("estimator", "zzz", "one of mws, mss"), ("seed", None, "a whole number"),
     ("latents", True, "a whole number >= 1"), ("factor_sizes", "abc", "a list of whole numbers")])
 def test_checkpoint_config_entry_of_the_wrong_kind_is_named_in_one_line(tmp_path, capsys, entry, value,
                                                                          expected):

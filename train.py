@@ -269,37 +269,25 @@ def _config_problem(config):
     ...)", or None: a hand-edited or foreign checkpoint then fails in one line, not in a traceback."""
     number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     whole = lambda v: isinstance(v, int) and not isinstance(v, bool)
-    optional = lambda check: lambda v: v is None or check(v)
-    expected = {
-        "model": (lambda v: v in losses.OBJECTIVES, f"one of {', '.join(losses.OBJECTIVES)}"),
-        "arch": (lambda v: v in models.ARCHS, f"one of {', '.join(models.ARCHS)}"),
-        "recon": (lambda v: v in ("bce", "mse"), "bce or mse"),
-        "estimator": (lambda v: v in ("mws", "mss"), "mws or mss"),
-        "precision": (lambda v: v in ("fp32", "bf16", "fp16"), "fp32, bf16 or fp16"),
-        "latents": (lambda v: whole(v) and v >= 1, "a whole number >= 1"),
-        "channels": (lambda v: v in (1, 3), "1 or 3"),
-        "size": (lambda v: whole(v) and v >= 1, "a whole number >= 1"),
-        "batch_size": (lambda v: whole(v) and v >= 1, "a whole number >= 1"),
-        "steps": (lambda v: whole(v) and v >= 1, "a whole number >= 1"),
-        "dataset_size": (lambda v: whole(v) and v >= 1, "a whole number >= 1"),
-        "seed": (whole, "a whole number"),
-        "capacity_steps": (lambda v: whole(v) and v >= 0, "a whole number >= 0"),
-        "data_limit": (optional(lambda v: whole(v) and v >= 2), "none or a whole number >= 2"),
-        "lr": (lambda v: number(v) and v > 0, "a number > 0"),
-        "beta": (lambda v: number(v) and v >= 0, "a number >= 0"),
-        "alpha": (lambda v: number(v) and v >= 0, "a number >= 0"),
-        **{name: (optional(lambda v: number(v) and v >= 0), "none or a number >= 0")
-           for name in ("gamma", "capacity", "lambda_od", "lambda_d")},
-        "data": (lambda v: isinstance(v, str), "a dataset name or path"),
-        "dataset_name": (lambda v: isinstance(v, str), "a string"),
-        "factor_names": (lambda v: isinstance(v, (list, tuple)) and all(isinstance(n, str) for n in v),
-                         "a list of names"),
-        "factor_sizes": (lambda v: isinstance(v, (list, tuple)) and all(whole(n) for n in v),
-                         "a list of whole numbers"),
-    }
-    for name, (valid, description) in expected.items():
-        if not valid(config[name]):
-            return f"{name} {config[name]!r} (expected {description})"
+    many = lambda kind: lambda v: isinstance(v, (list, tuple)) and all(kind(x) for x in v)
+    choices = {"model": losses.OBJECTIVES, "arch": models.ARCHS, "recon": ("bce", "mse"),
+               "estimator": ("mws", "mss"), "precision": ("fp32", "bf16", "fp16"), "channels": (1, 3)}
+    kinds = [(("latents", "size", "batch_size", "steps", "dataset_size"), lambda v: whole(v) and v >= 1,
+              "a whole number >= 1"), (("seed",), whole, "a whole number"),
+             (("capacity_steps",), lambda v: whole(v) and v >= 0, "a whole number >= 0"),
+             (("data_limit",), lambda v: v is None or whole(v) and v >= 2, "none or a whole number >= 2"),
+             (("lr",), lambda v: number(v) and v > 0, "a number > 0"),
+             (("beta", "alpha"), lambda v: number(v) and v >= 0, "a number >= 0"),
+             (("gamma", "capacity", "lambda_od", "lambda_d"), lambda v: v is None or number(v) and v >= 0,
+              "none or a number >= 0"), (("data", "dataset_name"), lambda v: isinstance(v, str), "a string"),
+             (("factor_names",), many(lambda n: isinstance(n, str)), "a list of names"),
+             (("factor_sizes",), many(whole), "a list of whole numbers")]
+    kinds += [((name,), lambda v, allowed=allowed: v in allowed, "one of " + ", ".join(map(str, allowed)))
+              for name, allowed in choices.items()]
+    for names, valid, description in kinds:
+        for name in names:
+            if not valid(config[name]):
+                return f"{name} {config[name]!r} (expected {description})"
     return None
 
 
