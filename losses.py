@@ -1,4 +1,4 @@
-"""The seven autoencoder objectives and their terms. Needs torch only.
+"""The autoencoder objectives and their terms: seven unsupervised, two weakly supervised. Needs torch only.
 
     loss, terms = objective("betatc", x, logits, mu, logvar, z, beta=6, dataset_size=len(data))
 
@@ -13,6 +13,8 @@ penalty and the discriminator's loss; `objective` averages over the batch and ad
   dipvae1    recon + KL + lambda_od sum_{i!=j} C_ij^2 + lambda_d sum_i (C_ii - 1)^2,
              C = Cov[mu(x)] on the batch                          (Kumar et al. 2018)
   dipvae2    the same with C = Cov[mu(x)] + E[diag exp(logvar(x))], the covariance of z under q(z)
+  adagvae    recon + beta KL on pairs of images, the latents the pair seems to share aggregated
+  mlvae      (Locatello et al. 2020, Ada-GVAE and Ada-ML-VAE; see `aggregate_pair`)
 All losses are computed in float32, also when the model runs under autocast. Every log-density is
 finite for any finite logvar, forward and backward (see `log_normal`).
 
@@ -31,6 +33,18 @@ holds. Kim & Mnih permute the codes of a second, independent batch; disentanglem
 behind Locatello et al.'s study) permutes the same batch's z, as above, which costs no second
 encoder pass and no second draw from the data. Both estimate the same TC; we recommend the latter.
 
+Ada-GVAE and ML-VAE (Locatello et al. 2020) train on pairs of images that share some factors of
+variation, unsaid which. Both halves of a batch are encoded; the latents whose posteriors differ
+least are aggregated (`aggregate_pair`), the codes sampled from the aggregated posteriors:
+
+    mu, logvar = model.encode(x)                  # x: [first images; second images], (2P, C, H, W)
+    mu1, logvar1, mu2, logvar2 = aggregate_pair(mu[:P], logvar[:P], mu[P:], logvar[P:], "adagvae")
+    z = torch.cat([mu1, mu2]) + torch.randn_like(mu) * torch.cat([logvar1, logvar2]).mul(0.5).exp()
+    loss, terms = objective("adagvae", x, model.decode(z), mu, logvar, z, beta=beta)
+
+`objective` takes the encoder's own posteriors and aggregates them again itself (the same
+deterministic rule, so the KL it weighs is that of the posteriors z was drawn from).
+
 Where we deliberately differ from published code: the minibatch-stratified (mss) weights put the
 sample's own posterior q(z_i|x_i) on the diagonal w_ii = 1/N and the next sample's on
 w_i,i+1 = (N - M)/(N M), as Chen et al.'s paper defines them; their reference code (vae_quant.py)
@@ -43,7 +57,9 @@ import torch
 import torch.nn.functional as F
 
 OBJECTIVES = ("ae", "vae", "betavae", "betatc", "factorvae", "dipvae1", "dipvae2")
+PAIR_OBJECTIVES = ("adagvae", "mlvae")  # weakly supervised: a batch is pairs of images
 LOG_2PI = math.log(2 * math.pi)
+LOG_2 = math.log(2)
 
 # Kim & Mnih 2018 (Appendix A): the discriminator's Adam; their VAE used lr 1e-4, betas (0.9, 0.999).
 DISCRIMINATOR_LR = 1e-4
@@ -297,13 +313,101 @@ def capacity_at(step, capacity, capacity_steps):
     return capacity * min(1.0, step / capacity_steps) if capacity_steps > 0 else capacity
 
 
+def pair_kl(mu1, logvar1, mu2, logvar2):
+    """KL(q1 || q2) in nats per latent between two diagonal Gaussians: four (P, D) -> (P, D).
+
+    q1 = N(mu1, exp(logvar1)), q2 = N(mu2, exp(logvar2)); 0.5 (r - 1 - log r + (mu1 - mu2)^2 / v2)
+    with r = v1 / v2, formed as expm1 - log so that near-equal posteriors keep their small KL.
+    Float32 (float64 for float64 inputs). Locatello et al. 2020's delta_j, in their direction:
+    the first image's posterior against the second's (disentanglement_lib computes twice this;
+    a common factor does not move the threshold).
+    """
+    mu1, logvar1, mu2, logvar2 = _same_float(mu1, logvar1, mu2, logvar2)
+    log_ratio = logvar1 - logvar2
+    scaled = (mu1 - mu2) * torch.exp(-0.5 * logvar2)
+    return 0.5 * (torch.expm1(log_ratio) - log_ratio + scaled * scaled)
+
+
+def shared_latents(mu1, logvar1, mu2, logvar2):
+    """Which latents a pair is taken to share: four (P, D) -> (P, D) bool, no gradient.
+
+    Locatello et al. 2020's adaptive rule: latent j of pair p is shared when
+    pair_kl[p, j] < tau_p = (min_j pair_kl[p, j] + max_j pair_kl[p, j]) / 2, strictly below
+    (as disentanglement_lib's two equal-width bins: a KL at the midpoint falls in the upper bin).
+    So a pair whose latents all differ equally (or D = 1) shares none.
+    """
+    with torch.no_grad():
+        kl = pair_kl(mu1, logvar1, mu2, logvar2)
+        threshold = 0.5 * (kl.min(1, keepdim=True).values + kl.max(1, keepdim=True).values)
+        return kl < threshold
+
+
+def aggregate_pair(mu1, logvar1, mu2, logvar2, method="adagvae"):
+    """A pair's posteriors with the shared latents replaced by their aggregate (Locatello et al. 2020).
+
+    mu1, logvar1 (P, D): the first images' posteriors; mu2, logvar2 (P, D): their partners'.
+    Returns (mu1, logvar1, mu2, logvar2), each (P, D) float32 (float64 for float64 inputs), with
+    gradients through the values (not through the choice of `shared_latents`). Where a latent is
+    shared both images get the same Gaussian N(m, v):
+      adagvae  the average of the two Gaussians' means and of their variances (the Group-VAE
+               aggregation): m = (mu1 + mu2) / 2, v = (v1 + v2) / 2
+      mlvae    the normalised product q1^(1/2) q2^(1/2), i.e. the product of the two Gaussians
+               with twice its variance: 1 / v = (1 / v1 + 1 / v2) / 2, m = v (mu1 / v1 + mu2 / v2) / 2
+               (the product's own mean, v twice the product's variance v1 v2 / (v1 + v2))
+    We follow disentanglement_lib's ML-VAE variance, twice the product's: it is the code behind
+    the paper's figures, and it keeps both rules idempotent: a pair of equal posteriors keeps
+    them, where the plain product would halve every shared variance, making a latent's KL to
+    the prior grow by being shared. Idempotence also means that aggregating an aggregated pair
+    changes nothing. Raises ValueError for another method or inputs not of one (P, D) shape.
+    """
+    mu1, logvar1, mu2, logvar2, _ = _aggregate(mu1, logvar1, mu2, logvar2, method)
+    return mu1, logvar1, mu2, logvar2
+
+
+def _aggregate(mu1, logvar1, mu2, logvar2, method):
+    """aggregate_pair's four tensors and shared_latents' (P, D) mask."""
+    if method not in PAIR_OBJECTIVES:
+        raise ValueError(f"unknown aggregation {method!r}; choose adagvae or mlvae")
+    shapes = {tuple(t.shape) for t in (mu1, logvar1, mu2, logvar2)}
+    if len(shapes) != 1 or mu1.dim() != 2:
+        raise ValueError(f"a pair's posteriors must be four tensors of one (P, D) shape, got {sorted(shapes)}")
+    mu1, logvar1, mu2, logvar2 = _same_float(mu1, logvar1, mu2, logvar2)
+    shared = shared_latents(mu1, logvar1, mu2, logvar2)
+    if method == "adagvae":
+        mean = 0.5 * (mu1 + mu2)
+        logvar = torch.logaddexp(logvar1, logvar2) - LOG_2
+    else:
+        mean = torch.lerp(mu2, mu1, torch.sigmoid(logvar2 - logvar1))  # weights v2 / (v1 + v2), v1 / (v1 + v2)
+        logvar = LOG_2 - torch.logaddexp(-logvar1, -logvar2)
+    return (torch.where(shared, mean, mu1), torch.where(shared, logvar, logvar1),
+            torch.where(shared, mean, mu2), torch.where(shared, logvar, logvar2), shared)
+
+
+def _same_float(*tensors):
+    """The tensors in float64 if the first is float64, else float32 (also from bf16 under autocast)."""
+    dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    return tuple(t.to(dtype) for t in tensors)
+
+
+def _paired_posteriors(mu, logvar, method):
+    """(2P, D) posteriors of [first images; second images] -> aggregated (2P, D) twice, and the
+    batch mean of the number of latents taken as shared per pair (0-dim)."""
+    if mu.shape[0] % 2:
+        raise ValueError(f"{method} trains on pairs: the batch must be [first images; second "
+                         f"images], an even number of rows, got {mu.shape[0]}")
+    pairs = mu.shape[0] // 2
+    mu1, logvar1, mu2, logvar2, shared = _aggregate(mu[:pairs], logvar[:pairs], mu[pairs:],
+                                                    logvar[pairs:], method)
+    return torch.cat([mu1, mu2]), torch.cat([logvar1, logvar2]), shared.sum(1).float().mean()
+
+
 def objective(name, x, logits, mu, logvar, z, beta=6.0, alpha=1.0, gamma=None, dataset_size=None,
               recon="bce", estimator="mws", capacity=None, capacity_steps=100_000, step=0,
               lambda_od=None, lambda_d=None, tc_logits=None):
     """The loss to minimise (a 0-dim float32 tensor, the batch mean) and a dict of batch-mean floats.
 
-    x, logits (B, C, H, W); mu, logvar, z (B', D); `name` one of OBJECTIVES (see the module
-    docstring for each formula). The reconstruction is averaged over its B rows and the code terms
+    x, logits (B, C, H, W); mu, logvar, z (B', D); `name` one of OBJECTIVES or PAIR_OBJECTIVES
+    (see the module docstring for each formula). The reconstruction is averaged over its B rows and the code terms
     over their B' rows, separately: with one process B' = B; under data-parallel training each
     process passes its own images and the codes of the whole batch, gathered from every process
     (with gradients), so the terms that compare samples (betatc, factorvae, the DIP-VAEs) see the
@@ -317,21 +421,37 @@ def objective(name, x, logits, mu, logvar, z, beta=6.0, alpha=1.0, gamma=None, d
                                         DIP_DIAGONAL_RATIO times lambda_od)
       tc_logits          factorvae: the discriminator's (B, 2) logits on this z, not detached
                          (column 0: "a sample of q(z)", 1: "of prod_j q(z_j)")
+    adagvae and mlvae take pairs, each process its own (no gathering, B' = B = 2P): rows
+    [first images; second images], so row p and row P + p are a pair; mu, logvar the encoder's
+    posteriors, z a sample of `aggregate_pair`'s (see the module docstring). The loss is
+    Locatello et al.'s beta-weighted ELBO of both images under the aggregated posteriors,
+    mean over the 2P images of recon + beta KL(aggregate || N(0, I)), as disentanglement_lib's
+    0.5 (first half's mean + second half's mean).
     terms: recon and kl (nats per image, unweighted); betavae with capacity adds capacity;
     betatc adds mi, tc, dwkl without the mws estimator's constant offsets (`estimator_offsets`:
     near 0 for a collapsed model, comparable between mws and mss; the loss keeps Chen et al.'s
     terms, the constants do not change its gradient); factorvae adds tc, the batch mean of
-    tc_logits[:, 0] - tc_logits[:, 1]; the DIP-VAEs add dip, the penalty before its weights,
+    tc_logits[:, 0] - tc_logits[:, 1]; adagvae and mlvae log the aggregated posteriors' kl and
+    add shared, the mean number of latents per pair taken as shared; the DIP-VAEs add dip, the penalty before its weights,
     sum_{i!=j} C_ij^2 + sum_i (C_ii - 1)^2 = ||C - I||_F^2 (a batch statistic, added once to the
-    batch-mean loss). One device sync in all. Raises ValueError for an unknown name or a missing
-    dataset_size (betatc) or tc_logits (factorvae).
+    batch-mean loss). One device sync in all. Raises ValueError for an unknown name, a missing
+    dataset_size (betatc) or tc_logits (factorvae), or pairs of unequal halves.
     """
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}")
+    if name not in OBJECTIVES + PAIR_OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; choose one of "
+                         f"{', '.join(OBJECTIVES + PAIR_OBJECTIVES)}")
     recon_term = recon_loss(logits, x, recon)
+    if name in PAIR_OBJECTIVES:
+        if len(recon_term) != len(mu):
+            raise ValueError(f"{name}: {len(recon_term)} images for {len(mu)} codes; pass the "
+                             "pairs' images and codes in the same order")
+        mu, logvar, shared = _paired_posteriors(mu, logvar, name)
     kl = kl_normal(mu, logvar).sum(1)
     terms = {"recon": recon_term.mean(), "kl": kl.mean()}
-    if name == "ae":
+    if name in PAIR_OBJECTIVES:
+        penalty = beta * kl.mean()
+        terms["shared"] = shared
+    elif name == "ae":
         penalty = torch.zeros((), device=kl.device)
     elif name == "vae":
         penalty = kl.mean()

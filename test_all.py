@@ -319,7 +319,7 @@ def test_capacity_schedule():
         assert abs(loss.item() - (recon + 1000 * abs(kl - target))) < 1e-2
 
 
-@pytest.mark.parametrize("name", losses.OBJECTIVES)
+@pytest.mark.parametrize("name", losses.OBJECTIVES + losses.PAIR_OBJECTIVES)
 def test_losses_are_float32_under_autocast(name):
     z, mu, logvar = (torch.tensor(a, dtype=torch.bfloat16) for a in random_posterior(8, 3))
     tc_logits, x, spread = torch.randn(8, 2).bfloat16(), torch.rand(8, 1, 4, 4), mu * 100
@@ -465,6 +465,177 @@ def test_factorvae_gradients_reach_the_encoder_not_the_discriminator_update():
     d_loss = losses.discriminator_loss(discriminator(joint), discriminator(losses.permute_dims(joint)))
     d_loss.backward()
     assert mu.grad is None and all(p.grad is not None for p in discriminator.parameters())
+
+
+def reference_pair_kl(mu1, logvar1, mu2, logvar2):
+    """KL(N(mu1, v1) || N(mu2, v2)) per dimension, the textbook closed form in float64."""
+    v1, v2 = np.exp(logvar1), np.exp(logvar2)
+    return 0.5 * (np.log(v2 / v1) + (v1 + (mu1 - mu2) ** 2) / v2 - 1)
+
+
+def reference_aggregate(mu1, logvar1, mu2, logvar2, method, lib=np):
+    """Locatello et al. 2020 in float64 (numpy, or torch for gradients): shared where the KL is below
+    the midpoint of the pair's smallest and largest; Ada-GVAE averages means and variances, ML-VAE
+    takes the product of the Gaussians with its variance doubled (disentanglement_lib's)."""
+    kl = reference_pair_kl(*(np.asarray(t.detach() if lib is torch else t)
+                             for t in (mu1, logvar1, mu2, logvar2)))
+    shared = kl < 0.5 * (kl.min(1, keepdims=True) + kl.max(1, keepdims=True))
+    v1, v2 = lib.exp(logvar1), lib.exp(logvar2)
+    if method == "adagvae":
+        mean, var = (mu1 + mu2) / 2, (v1 + v2) / 2
+    else:
+        precision = 1 / v1 + 1 / v2  # the product of the two Gaussians: N(mean, 1 / precision)
+        mean, var = (mu1 / v1 + mu2 / v2) / precision, 2 / precision
+    mask = torch.tensor(shared) if lib is torch else shared
+    pick = torch.where if lib is torch else np.where
+    return (pick(mask, mean, mu1), pick(mask, lib.log(var), logvar1),
+            pick(mask, mean, mu2), pick(mask, lib.log(var), logvar2), shared)
+
+
+def random_pairs(pairs=6, dims=5, seed=5):
+    """Two posteriors per pair, none of whose KLs lies within 0.01 of its pair's threshold."""
+    rng = np.random.default_rng(seed)
+    mu1, mu2 = rng.normal(size=(pairs, dims)), rng.normal(size=(pairs, dims))
+    logvar1, logvar2 = rng.normal(-1, 0.7, size=(pairs, dims)), rng.normal(-1, 0.7, size=(pairs, dims))
+    mu2[:, :2] = mu1[:, :2] + 0.01 * rng.normal(size=(pairs, 2))  # two latents nearly shared
+    logvar2[:, :2] = logvar1[:, :2]
+    kl = reference_pair_kl(mu1, logvar1, mu2, logvar2)
+    threshold = 0.5 * (kl.min(1, keepdims=True) + kl.max(1, keepdims=True))
+    assert np.abs(kl - threshold).min() > 0.01
+    return mu1, logvar1, mu2, logvar2
+
+
+def test_pair_kl_and_threshold_match_reference():
+    mu1, logvar1, mu2, logvar2 = random_pairs()
+    got = losses.pair_kl(*(torch.tensor(a) for a in (mu1, logvar1, mu2, logvar2)))
+    # (the reference's log ratio + ratio - 1 loses digits near 0 that expm1 keeps)
+    np.testing.assert_allclose(got.numpy(), reference_pair_kl(mu1, logvar1, mu2, logvar2), rtol=1e-9)
+    # the closed form against the definition, E_q1[log q1 - log q2], by quadrature
+    grid = np.linspace(-12, 12, 200_001)[:, None, None]
+    log_q1 = reference_log_normal(grid, mu1[:3], logvar1[:3])
+    log_q2 = reference_log_normal(grid, mu2[:3], logvar2[:3])
+    quadrature = np.trapezoid(np.exp(log_q1) * (log_q1 - log_q2), grid[:, 0, 0], axis=0)
+    np.testing.assert_allclose(got.numpy()[:3], quadrature, rtol=1e-5, atol=1e-7)
+    shared = losses.shared_latents(*(torch.tensor(a, dtype=torch.float32) for a in (mu1, logvar1, mu2, logvar2)))
+    assert shared.dtype == torch.bool and not shared.requires_grad
+    np.testing.assert_array_equal(shared.numpy(), reference_aggregate(mu1, logvar1, mu2, logvar2, "adagvae")[4])
+    assert shared[:, :2].all()  # the nearly equal latents are shared
+
+
+def test_shared_latents_by_hand():
+    def shared(mu1, var1, mu2, var2):
+        t = [torch.tensor([v], dtype=torch.float32) for v in (mu1, var1, mu2, var2)]
+        return losses.shared_latents(t[0], t[1].log(), t[2], t[3].log())[0].tolist()
+    # KL(q1||q2) = 0.318, 1.0, 0: threshold 0.5, the first two latents shared; the other
+    # direction, KL(q2||q1) = 0.807, 1.0, 0, shares only the last: the rule reads q1 against q2
+    assert shared([0, 0, 0], [1, 1, 1], [0, 2 ** 0.5, 0], [4, 1, 1]) == [True, False, True]
+    assert shared([0, 2 ** 0.5, 0], [4, 1, 1], [0, 0, 0], [1, 1, 1]) == [False, False, True]
+    # KL 0.5, 12.5, 24.5: the middle one lies at the threshold, 12.5, and is not shared
+    assert shared([0, 0, 0], [1, 1, 1], [1, 5, 7], [1, 1, 1]) == [True, False, False]
+    assert shared([0, 0], [1, 1], [3, -3], [1, 1]) == [False, False]  # all equally far: none shared
+    assert shared([0], [1], [0], [1]) == [False]
+
+
+@pytest.mark.parametrize("method", losses.PAIR_OBJECTIVES)
+def test_aggregate_pair_matches_reference(method):
+    pair = random_pairs()
+    expected = reference_aggregate(*pair, method)
+    got = losses.aggregate_pair(*(torch.tensor(a) for a in pair), method=method)
+    for g, e in zip(got, expected):
+        assert g.dtype == torch.float64
+        np.testing.assert_allclose(g.numpy(), e, rtol=1e-12, atol=1e-14)
+    got32 = losses.aggregate_pair(*(torch.tensor(a, dtype=torch.float32) for a in pair), method=method)
+    for g, e in zip(got32, expected):
+        assert g.dtype == torch.float32
+        np.testing.assert_allclose(g.numpy(), e, rtol=1e-5, atol=1e-6)
+    # where shared, both images get one Gaussian; elsewhere each keeps its own
+    shared = expected[4]
+    assert shared.any() and (~shared).any()
+    np.testing.assert_array_equal(got[0].numpy()[shared], got[2].numpy()[shared])
+    np.testing.assert_array_equal(got[1].numpy()[~shared], pair[1][~shared])
+
+
+def test_aggregate_pair_by_hand_and_idempotent():
+    mu1, logvar1 = torch.tensor([[0.0, 5.0]]), torch.tensor([[math.log(1.0), 0.0]])
+    mu2, logvar2 = torch.tensor([[2.0, -5.0]]), torch.tensor([[math.log(3.0), 0.0]])
+    # latent 0 (KL 0.88) is shared, latent 1 (KL 50) is not: threshold 25.4
+    m1, lv1, m2, lv2 = losses.aggregate_pair(mu1, logvar1, mu2, logvar2, "adagvae")
+    assert m1[0, 0] == m2[0, 0] and lv1[0, 0] == lv2[0, 0]
+    assert abs(m1[0, 0] - 1.0) < 1e-6 and abs(lv1[0, 0].exp() - 2.0) < 1e-5  # (1 + 3) / 2
+    assert m1[0, 1] == 5.0 and m2[0, 1] == -5.0
+    m1, lv1, m2, lv2 = losses.aggregate_pair(mu1, logvar1, mu2, logvar2, "mlvae")
+    assert abs(m1[0, 0] - 0.5) < 1e-6  # (0 / 1 + 2 / 3) / (1 / 1 + 1 / 3)
+    assert abs(lv1[0, 0].exp() - 1.5) < 1e-5  # 2 x the product's variance 3 / 4
+    for method in losses.PAIR_OBJECTIVES:  # equal posteriors stay as they are; twice is once
+        mu, logvar = torch.randn(4, 3), torch.randn(4, 3)
+        same = losses.aggregate_pair(mu, logvar, mu, logvar, method)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(same, (mu, logvar, mu, logvar)))
+        once = losses.aggregate_pair(*(torch.tensor(a) for a in random_pairs()), method=method)
+        twice = losses.aggregate_pair(*once, method=method)
+        assert all(torch.allclose(a, b, rtol=1e-12) for a, b in zip(once, twice))
+
+
+@pytest.mark.parametrize("method", losses.PAIR_OBJECTIVES)
+def test_aggregate_pair_gradients(method):
+    pair = [torch.tensor(a, requires_grad=True) for a in random_pairs(4, 4, seed=6)]
+    assert torch.autograd.gradcheck(lambda *t: losses.aggregate_pair(*t, method=method), pair)
+    # and against the reference's autograd (the product's textbook form, not the code's)
+    got = losses.aggregate_pair(*pair, method=method)
+    weights = [torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+               for i in range(4)]
+    grads = torch.autograd.grad(sum((g * w).sum() for g, w in zip(got, weights)), pair)
+    expected = reference_aggregate(*pair, method, lib=torch)[:4]
+    expected_grads = torch.autograd.grad(sum((e * w).sum() for e, w in zip(expected, weights)), pair)
+    for g, e in zip(grads, expected_grads):
+        np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", losses.PAIR_OBJECTIVES)
+def test_pair_objectives_match_reference(method):
+    rng = np.random.default_rng(7)
+    mu1, logvar1, mu2, logvar2 = random_pairs(6, 5, seed=7)
+    mu, logvar = np.concatenate([mu1, mu2]), np.concatenate([logvar1, logvar2])
+    logits, x = rng.normal(size=(12, 1, 8, 8)), (rng.random((12, 1, 8, 8)) > 0.5).astype(float)
+    p = 1 / (1 + np.exp(-logits))
+    recon = -(x * np.log(p) + (1 - x) * np.log(1 - p)).reshape(12, -1).sum(1)
+    a_mu1, a_logvar1, a_mu2, a_logvar2, shared = reference_aggregate(mu1, logvar1, mu2, logvar2, method)
+    a_mu, a_logvar = np.concatenate([a_mu1, a_mu2]), np.concatenate([a_logvar1, a_logvar2])
+    kl = (0.5 * (a_mu ** 2 + np.exp(a_logvar) - 1 - a_logvar)).sum(1)
+    beta = 3.0
+    t = [torch.tensor(a, dtype=torch.float32, requires_grad=True) for a in (mu, logvar)]
+    z = torch.tensor(a_mu, dtype=torch.float32)
+    loss, terms = losses.objective(method, torch.tensor(x).float(), torch.tensor(logits).float(), *t, z, beta=beta)
+    expected = (recon + beta * kl).mean()  # = 0.5 (first images' mean + second images' mean)
+    assert loss.dtype == torch.float32 and abs(loss.item() - expected) < 1e-5 * expected
+    assert set(terms) == {"recon", "kl", "shared"}
+    assert abs(terms["recon"] - recon.mean()) < 1e-3 and abs(terms["kl"] - kl.mean()) < 1e-4
+    assert terms["shared"] == shared.sum(1).mean() and 2 <= terms["shared"] < 5
+    # gradients against the float64 reference's autograd
+    r_mu, r_logvar = (torch.tensor(a, requires_grad=True) for a in (mu, logvar))
+    r = reference_aggregate(r_mu[:6], r_logvar[:6], r_mu[6:], r_logvar[6:], method, lib=torch)
+    r_mu_all, r_logvar_all = torch.cat([r[0], r[2]]), torch.cat([r[1], r[3]])
+    r_kl = (0.5 * (r_mu_all ** 2 + r_logvar_all.exp() - 1 - r_logvar_all)).sum(1)
+    expected_grads = torch.autograd.grad(beta * r_kl.mean(), (r_mu, r_logvar))
+    for g, e in zip(torch.autograd.grad(loss, t), expected_grads):
+        np.testing.assert_allclose(g.numpy(), e.numpy(), rtol=1e-4, atol=1e-6)
+    # the aggregated posteriors give the same loss as the encoder's own (aggregation is idempotent)
+    again, _ = losses.objective(method, torch.tensor(x).float(), torch.tensor(logits).float(),
+                                torch.tensor(a_mu).float(), torch.tensor(a_logvar).float(), z, beta=beta)
+    assert abs(again.item() - loss.item()) < 1e-5 * loss.item()
+
+
+def test_pair_objective_errors():
+    mu, logvar, x = torch.zeros(5, 3), torch.zeros(5, 3), torch.zeros(5, 1, 4, 4)
+    with pytest.raises(ValueError, match="even number of rows, got 5"):
+        losses.objective("adagvae", x, x, mu, logvar, mu)
+    with pytest.raises(ValueError, match="4 images for 5 codes"):
+        losses.objective("mlvae", x[:4], x[:4], mu, logvar, mu)
+    with pytest.raises(ValueError, match="unknown aggregation 'gvae'"):
+        losses.aggregate_pair(mu, logvar, mu, logvar, "gvae")
+    with pytest.raises(ValueError, match=r"one \(P, D\) shape"):
+        losses.aggregate_pair(mu, logvar, mu[:4], logvar[:4])
+    with pytest.raises(ValueError, match="mlvae"):
+        losses.objective("groupvae", x, x, mu, logvar, mu)
 
 
 # ----------------------------------------------------------------------------- data: readers and built-ins
