@@ -997,3 +997,88 @@ def _load_faces(path):
     factors = _grid_factors(grid) if len(grid) == 4 else None
     names = ["identity", "azimuth", "elevation", "lighting"]
     return _dataset(flat, factors, names, grid, os.path.basename(path))
+
+
+# ============================================================================= pairs (weak supervision)
+
+class PairSampler:
+    """Pairs of rows whose factors differ in exactly k factors (Locatello et al. 2020's weak supervision).
+
+    factors (N, K) int64 class indices with factor_sizes (K,), as a Dataset holds them: a full grid
+    (the built-ins, dSprites, 3dshapes, cars3d, 3D faces) or any table (a --limit subset, your own
+    factors, with combinations missing or repeated). Rows are found by their factor tuple, read as
+    one mixed-radix number, sorted once here (O(N log N) time, two int64 arrays of N); draws are
+    row indices, no image is read or copied. k in 1..K'-1 is how many factors differ, K' the
+    factors with more than one value; k = 0 draws it uniformly from 1..K'-1 for each pair, the
+    paper's "k = rnd". (disentanglement_lib's pairs change 1 or k factors, a coin flip, to values
+    drawn from all of theirs, the old one included; ours differ in exactly k, as the paper says.)
+    Raises DataError, one line starting with `where`, for unlabelled data (factors None), factors
+    outside their sizes, fewer than 2 varying factors, or k out of range.
+    """
+
+    MAX_TRIES = 100
+
+    def __init__(self, factors, factor_sizes, k=1, where="dataset"):
+        if factors is None:
+            raise DataError(f"{where}: has no factors (unlabelled); pairs that share factors need them")
+        factors = np.asarray(factors)
+        self.sizes = np.asarray(factor_sizes, dtype=np.int64)
+        if factors.ndim != 2 or factors.shape[1] != len(self.sizes) or len(factors) == 0:
+            raise DataError(f"{where}: factors of shape {factors.shape} for {len(self.sizes)} factor sizes")
+        if (factors < 0).any() or (factors >= self.sizes).any():
+            raise DataError(f"{where}: factor values outside 0..factor_sizes - 1")
+        self.varying = self.sizes > 1
+        count = int(self.varying.sum())
+        if count < 2:
+            raise DataError(f"{where}: pairs need at least 2 factors that vary, it has {count}")
+        if not 0 <= k < count:
+            raise DataError(f"{where}: k must be 0 (random) or 1..{count - 1} for its {count} "
+                            f"varying factors, got {k}")
+        self.k, self.where = k, where
+        self.factors = factors.astype(np.int64, copy=False)
+        self.strides = np.ones(len(self.sizes), dtype=np.int64)
+        cells = 1
+        for i in reversed(range(len(self.sizes))):  # C order: a full grid's key is its row
+            self.strides[i], cells = cells, cells * int(self.sizes[i])
+        if cells > 2 ** 62:
+            raise DataError(f"{where}: {cells} factor combinations are too many to index")
+        keys = self.factors @ self.strides
+        self.order = np.argsort(keys, kind="stable")
+        self.sorted_keys = keys[self.order]
+
+    def draw(self, count, rng):
+        """(first, second), each (count,) int64 row indices; deterministic given rng.
+
+        first is uniform over the rows; second's factors differ from first's in exactly k of them,
+        chosen uniformly, each taking one of its other values uniformly (a row among equals
+        uniformly). Where a table lacks that row, the factors and values are drawn again, and
+        after MAX_TRIES // 2 tries the first row too. rng: a numpy Generator, whose state is all
+        a resumed run needs to draw the same pairs. Raises DataError if a pair is still missing
+        after MAX_TRIES tries (a table too sparse for this k).
+        """
+        first = rng.integers(len(self.factors), size=count)
+        ks = rng.integers(1, int(self.varying.sum()), size=count) if self.k == 0 else np.full(count, self.k)
+        second = np.full(count, -1)
+        for attempt in range(self.MAX_TRIES):
+            missing = np.flatnonzero(second < 0)
+            if len(missing) == 0:
+                return first, second
+            if attempt >= self.MAX_TRIES // 2:
+                first[missing] = rng.integers(len(self.factors), size=len(missing))
+            second[missing] = self._partners(first[missing], ks[missing], rng)
+        raise DataError(f"{self.where}: no row differs from row {first[second < 0][0]} in exactly "
+                        f"{ks[second < 0][0]} factors after {self.MAX_TRIES} tries: the factor "
+                        "table is too sparse for pairs with this k")
+
+    def _partners(self, rows, ks, rng):
+        """For each row, a row differing in ks factors drawn once at random, or -1 if none has them."""
+        values = self.factors[rows]
+        scores = np.where(self.varying, rng.random(values.shape), np.inf)
+        ranks = np.argsort(np.argsort(scores, axis=1), axis=1)
+        changed = ranks < ks[:, None]  # ks distinct varying factors per row
+        offsets = rng.integers(1, np.maximum(self.sizes, 2), size=values.shape)
+        wanted = np.where(changed, (values + offsets) % self.sizes, values) @ self.strides
+        start = np.searchsorted(self.sorted_keys, wanted, "left")
+        end = np.searchsorted(self.sorted_keys, wanted, "right")
+        pick = start + (rng.random(len(rows)) * (end - start)).astype(np.int64)
+        return np.where(end > start, self.order[np.minimum(pick, len(self.order) - 1)], -1)

@@ -1336,6 +1336,83 @@ def test_fuzz_torch(tmp_path):
     assert not UNPICKLED
 
 
+# ----------------------------------------------------------------------------- data: pairs (weak supervision)
+
+def pair_differences(factors, first, second):
+    return (factors[first] != factors[second]).sum(1)
+
+
+@pytest.mark.parametrize("source", [TINY, "shapes:hues=2,orientations=2,scales=2"])
+def test_pairs_differ_in_exactly_k_factors_on_grids(source):
+    ds = data.load(source)
+    for k in range(1, len(ds.factor_sizes)):
+        sampler = data.PairSampler(ds.factors, ds.factor_sizes, k)
+        first, second = sampler.draw(2000, np.random.default_rng(k))
+        assert first.dtype == second.dtype == np.int64 and first.shape == second.shape == (2000,)
+        assert (pair_differences(ds.factors, first, second) == k).all()
+        changed = ds.factors[first] != ds.factors[second]
+        assert changed.any(0).all()  # every factor is among those that change
+    # the first rows are uniform over the rows (a grid: over the factor combinations)
+    first, _ = data.PairSampler(ds.factors, ds.factor_sizes, 1).draw(50 * len(ds), np.random.default_rng(0))
+    counts = np.bincount(first, minlength=len(ds))
+    assert counts.min() > 0 and counts.std() < 1.5 * 50 ** 0.5  # multinomial: about 50 ** 0.5
+
+
+def test_pairs_on_a_table_with_missing_and_repeated_rows():
+    grid = np.array(list(itertools.product(range(3), range(4), range(5))))
+    rng = np.random.default_rng(1)
+    table = grid[rng.random(len(grid)) < 0.4]  # about 60% of the combinations missing
+    table = np.concatenate([table, table[:5]])  # and five repeated
+    present = {tuple(row) for row in table}
+    for k in (1, 2):
+        first, second = data.PairSampler(table, [3, 4, 5], k).draw(3000, np.random.default_rng(k))
+        assert (pair_differences(table, first, second) == k).all()
+        assert all(tuple(table[i]) in present for i in second)
+    _, second = data.PairSampler(table, [3, 4, 5], 1).draw(20000, np.random.default_rng(3))
+    repeats = [i for i in range(len(table)) if (table == table[i]).all(1).sum() == 2]
+    assert all(np.isin(repeats, second))  # both copies of a repeated combination are drawn
+    # a table where no row has a partner differing in one factor
+    sparse = data.PairSampler(np.array([[0, 0], [1, 1]]), [2, 2], 1, where="t.npz")
+    with pytest.raises(DataError, match=r"^t.npz: no row differs from row \d in exactly 1 factors"):
+        sparse.draw(4, np.random.default_rng(0))
+
+
+def test_pairs_k0_is_uniform_over_1_to_k_minus_1():
+    ds = data.load(TINY)  # 5 factors: k in 1..4
+    first, second = data.PairSampler(ds.factors, ds.factor_sizes, 0).draw(20000, np.random.default_rng(2))
+    counts = np.bincount(pair_differences(ds.factors, first, second), minlength=6)
+    assert counts[0] == counts[5] == 0
+    assert np.abs(counts[1:5] - 5000).max() < 4 * (20000 * 0.25 * 0.75) ** 0.5
+
+
+def test_pairs_are_deterministic_and_resume_from_the_generator_state():
+    ds = data.load(TINY)
+    sampler = data.PairSampler(ds.factors, ds.factor_sizes, 0)
+    a = [sampler.draw(64, np.random.default_rng(5)) for _ in range(2)]
+    assert all(np.array_equal(x, y) for x, y in zip(a[0], a[1]))
+    rng = np.random.default_rng(5)
+    sampler.draw(64, rng)
+    state = rng.bit_generator.state
+    after = sampler.draw(64, rng)
+    resumed = np.random.default_rng()
+    resumed.bit_generator.state = state
+    assert all(np.array_equal(x, y) for x, y in zip(after, sampler.draw(64, resumed)))
+    other = sampler.draw(64, np.random.default_rng(6))
+    assert not np.array_equal(a[0][0], other[0])
+
+
+def test_pairs_refuse_unlabelled_data_and_bad_k():
+    with pytest.raises(DataError, match=r"^faces: has no factors \(unlabelled\)"):
+        data.PairSampler(None, [], 1, where="faces")
+    factors = np.array([[0, 1, 0], [1, 0, 0]])
+    with pytest.raises(DataError, match="k must be 0 .random. or 1..1 for its 2 varying factors, got 2"):
+        data.PairSampler(factors, [2, 2, 1], 2)
+    with pytest.raises(DataError, match="at least 2 factors that vary, it has 1"):
+        data.PairSampler(factors[:, :1], [2], 0)
+    with pytest.raises(DataError, match="outside 0..factor_sizes - 1"):
+        data.PairSampler(factors, [2, 1, 1], 1)
+
+
 # ----------------------------------------------------------------------------- data: the HDF5 reader
 
 FIX = FIXTURES
