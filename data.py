@@ -26,6 +26,7 @@ import io
 import mmap
 import os
 import pickletools
+import re
 import struct
 import sys
 import tarfile
@@ -95,9 +96,13 @@ def load(source, limit=None, seed=0, **options):
     name, _, spec = source.partition(":")
     if name in _BUILTINS and not os.path.exists(source):
         reader, args = _BUILTINS[name], {**_parse_spec(spec, source), **options}
+    elif spec and not os.path.exists(source) and os.path.exists(name):  # "dsprites.npz:variant=color"
+        reader, args = _reader_for(name), {**_parse_spec(spec, source), **options, "path": name}
     else:
         reader, args = _reader_for(source), dict(options, path=source)
+    variant = {key: args.pop(key) for key in ("variant", "scream") if key in args}
     allowed = [p for p in inspect.signature(reader).parameters if p not in ("path", "limit", "seed")]
+    allowed += ["variant", "scream"]  # any 1-channel dataset: _variant
     unknown = sorted(set(args) - set(allowed) - {"path"})
     if unknown:
         raise DataError(f"{source}: unknown option(s) {unknown}; valid: {allowed}")
@@ -105,7 +110,8 @@ def load(source, limit=None, seed=0, **options):
         raise DataError(f"{source}: limit must be a positive number of images, not {limit}")
     if "limit" in inspect.signature(reader).parameters:  # readers that can read a subset
         args.update(limit=limit, seed=seed)
-    return _subset(reader(**args), limit, seed)
+    dataset = _subset(reader(**args), limit, seed)
+    return _variant(dataset, source, seed, **variant) if variant else dataset
 
 
 def _parse_spec(spec, source):
@@ -121,6 +127,11 @@ def _reader_for(path):
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file or folder, and not a built-in dataset "
                         f"(built-ins: {', '.join(_BUILTINS)}; a path must exist)")
+    for is_kind, reader in [(_is_norb, _load_norb), (_is_chairs, _load_chairs)]:  # by name or layout
+        if is_kind(path):
+            return reader
+    if path.lower().endswith(".npz") and _is_mpi3d(path):
+        return _load_mpi3d
     if os.path.isdir(path):  # images may be in sub-folders: _load_images says if there are none
         return _load_cars3d if any(map(_is_car, os.listdir(path))) else _load_images
     suffixes = [(".npz", _load_npz), (".npy", _load_npy), ((".h5", ".hdf5"), _load_hdf5),
@@ -997,6 +1008,423 @@ def _load_faces(path):
     factors = _grid_factors(grid) if len(grid) == 4 else None
     names = ["identity", "azimuth", "elevation", "lighting"]
     return _dataset(flat, factors, names, grid, os.path.basename(path))
+
+
+# ============================================================================= pairs (weak supervision)
+
+class PairSampler:
+    """Pairs of rows whose factors differ in exactly k factors (Locatello et al. 2020's weak supervision).
+
+    factors (N, K) int64 class indices with factor_sizes (K,), as a Dataset holds them: a full grid
+    (the built-ins, dSprites, 3dshapes, cars3d, 3D faces) or any table (a --limit subset, your own
+    factors, with combinations missing or repeated). Rows are found by their factor tuple, read as
+    one mixed-radix number, sorted once here (O(N log N) time, two int64 arrays of N); draws are
+    row indices, no image is read or copied. k in 1..K'-1 is how many factors differ, K' the
+    factors with more than one value; k = 0 draws it uniformly from 1..K'-1 for each pair, the
+    paper's "k = rnd". (disentanglement_lib's pairs change 1 or k factors, a coin flip, to values
+    drawn from all of theirs, the old one included; ours differ in exactly k, as the paper says.)
+    Raises DataError, one line starting with `where`, for unlabelled data (factors None), factors
+    outside their sizes, fewer than 2 varying factors, or k out of range.
+    """
+
+    MAX_TRIES = 100
+
+    def __init__(self, factors, factor_sizes, k=1, where="dataset"):
+        if factors is None:
+            raise DataError(f"{where}: has no factors (unlabelled); pairs that share factors need them")
+        factors = np.asarray(factors)
+        self.sizes = np.asarray(factor_sizes, dtype=np.int64)
+        if factors.ndim != 2 or factors.shape[1] != len(self.sizes) or len(factors) == 0:
+            raise DataError(f"{where}: factors of shape {factors.shape} for {len(self.sizes)} factor sizes")
+        if (factors < 0).any() or (factors >= self.sizes).any():
+            raise DataError(f"{where}: factor values outside 0..factor_sizes - 1")
+        self.varying = self.sizes > 1
+        count = int(self.varying.sum())
+        if count < 2:
+            raise DataError(f"{where}: pairs need at least 2 factors that vary, it has {count}")
+        if not 0 <= k < count:
+            raise DataError(f"{where}: k must be 0 (random) or 1..{count - 1} for its {count} "
+                            f"varying factors, got {k}")
+        self.k, self.where = k, where
+        self.factors = factors.astype(np.int64, copy=False)
+        self.strides = np.ones(len(self.sizes), dtype=np.int64)
+        cells = 1
+        for i in reversed(range(len(self.sizes))):  # C order: a full grid's key is its row
+            self.strides[i], cells = cells, cells * int(self.sizes[i])
+        if cells > 2 ** 62:
+            raise DataError(f"{where}: {cells} factor combinations are too many to index")
+        keys = self.factors @ self.strides
+        self.order = np.argsort(keys, kind="stable")
+        self.sorted_keys = keys[self.order]
+
+    def draw(self, count, rng):
+        """(first, second), each (count,) int64 row indices; deterministic given rng.
+
+        first is uniform over the rows; second's factors differ from first's in exactly k of them,
+        chosen uniformly, each taking one of its other values uniformly (a row among equals
+        uniformly). Where a table lacks that row, the factors and values are drawn again, and
+        after MAX_TRIES // 2 tries the first row too. rng: a numpy Generator, whose state is all
+        a resumed run needs to draw the same pairs. Raises DataError if a pair is still missing
+        after MAX_TRIES tries (a table too sparse for this k).
+        """
+        first = rng.integers(len(self.factors), size=count)
+        ks = rng.integers(1, int(self.varying.sum()), size=count) if self.k == 0 else np.full(count, self.k)
+        second = np.full(count, -1)
+        for attempt in range(self.MAX_TRIES):
+            missing = np.flatnonzero(second < 0)
+            if len(missing) == 0:
+                return first, second
+            if attempt >= self.MAX_TRIES // 2:
+                first[missing] = rng.integers(len(self.factors), size=len(missing))
+            second[missing] = self._partners(first[missing], ks[missing], rng)
+        raise DataError(f"{self.where}: no row differs from row {first[second < 0][0]} in exactly "
+                        f"{ks[second < 0][0]} factors after {self.MAX_TRIES} tries: the factor "
+                        "table is too sparse for pairs with this k")
+
+    def _partners(self, rows, ks, rng):
+        """For each row, a row differing in ks factors drawn once at random, or -1 if none has them."""
+        values = self.factors[rows]
+        scores = np.where(self.varying, rng.random(values.shape), np.inf)
+        ranks = np.argsort(np.argsort(scores, axis=1), axis=1)
+        changed = ranks < ks[:, None]  # ks distinct varying factors per row
+        offsets = rng.integers(1, np.maximum(self.sizes, 2), size=values.shape)
+        wanted = np.where(changed, (values + offsets) % self.sizes, values) @ self.strides
+        start = np.searchsorted(self.sorted_keys, wanted, "left")
+        end = np.searchsorted(self.sorted_keys, wanted, "right")
+        pick = start + (rng.random(len(rows)) * (end - start)).astype(np.int64)
+        return np.where(end > start, self.order[np.minimum(pick, len(self.order) - 1)], -1)
+
+
+# ---------------------------------------------------------------------------------------------
+# raw formats (fileformats.py beside this file): MPI3D's .npz, SmallNORB's binary matrices
+
+def _fileformats(path):
+    """fileformats.py, the raw-format reader beside this file, imported only when needed."""
+    try:
+        return importlib.import_module(f"{__package__}.fileformats" if __package__ else "fileformats")
+    except ModuleNotFoundError as error:
+        raise DataError(f"{path}: reading this file needs fileformats.py (the toolkit's reader of "
+                        "raw formats) beside data.py") from error
+
+
+@contextlib.contextmanager
+def _formats_errors():
+    """fileformats.FormatError (a ValueError naming the file) as a DataError."""
+    try:
+        yield
+    except DataError:
+        raise
+    except ValueError as error:
+        if type(error).__name__ != "FormatError":
+            raise
+        raise DataError(str(error)) from error
+
+
+_MPI3D_NAMES = ["object_color", "object_shape", "object_size", "camera_height",
+                "background_color", "horizontal_axis", "vertical_axis"]
+_MPI3D_GRIDS = {  # rows of a published file -> its factor grid, rows in C order over it
+    1_036_800: (6, 6, 2, 3, 3, 40, 40),  # mpi3d_toy, mpi3d_realistic, mpi3d_real
+    460_800: (4, 4, 2, 3, 3, 40, 40),  # real3d_complicated_shapes_ordered (MPI3D-complex)
+}
+_MPI3D_FILES = ("mpi3d_", "real3d_complicated")  # how the published files' names begin
+
+
+def _is_mpi3d(path):
+    """Whether an .npz is named like MPI3D's published files or holds one array, `images`, as they
+    do; the row count decides the rest (_load_mpi3d)."""
+    if os.path.basename(path).lower().startswith(_MPI3D_FILES):
+        return True
+    with contextlib.suppress(OSError, zipfile.BadZipFile, EOFError):
+        with zipfile.ZipFile(path) as zf:
+            return zf.namelist() == ["images.npy"]
+    return False
+
+
+def _load_mpi3d(path):
+    """MPI3D (Gondal et al. 2019): `images` (N, H, W, 3) uint8, memory-mapped when the member is
+    stored (np.savez, as published) and read otherwise; factors from the row: N = 1,036,800 is
+    the 6x6x2x3x3x40x40 grid of mpi3d_toy/realistic/real, N = 460,800 the 4x4x2x3x3x40x40 grid of
+    real3d_complicated_shapes_ordered (rr-learning/disentanglement_dataset's README:
+    array.reshape([6,6,2,3,3,40,40,64,64,3])). An .npz of another count or kind that is not named
+    like a published file is read as any other .npz (_load_npz)."""
+    formats = _fileformats(path)
+    named = os.path.basename(path).lower().startswith(_MPI3D_FILES)
+    with _formats_errors():
+        members = formats.npz_members(path)
+        shape, dtype, _ = members.get("images", ((), None, False))
+        grid = _MPI3D_GRIDS.get(shape[0] if shape else -1)
+        if grid is None or dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or len(members) != 1:
+            if not named:
+                return _load_npz(path)
+            raise DataError(f"{path}: holds {', '.join(f'{k} {v[1]} {v[0]}' for k, v in members.items())}; "
+                            "MPI3D's files hold one array, images, uint8 of 1,036,800 (toy, realistic, "
+                            "real) or 460,800 (complex shapes) rows of (64, 64, 3)")
+        images = formats.npz_array(path, "images")
+    return _dataset(images, _grid_factors(grid), _MPI3D_NAMES, grid, os.path.basename(path))
+
+
+_NORB_SPLITS = ("5x46789x9x18x6x2x96x96-training", "5x01235x9x18x6x2x96x96-testing")
+_NORB_NAMES = ["category", "instance", "elevation", "azimuth", "lighting"]
+_NORB_SIZES = [5, 10, 9, 18, 6]
+
+
+def _is_norb(path):
+    """A SmallNORB file (smallnorb-...-{dat,cat,info}.mat[.gz]) or a folder holding them."""
+    names = os.listdir(path) if os.path.isdir(path) else [os.path.basename(path)]
+    return any(fnmatch.fnmatch(n.lower(), "smallnorb-*.mat*") for n in names)
+
+
+def _norb_files(path):
+    """{(split, kind): path} of the six published files in `path`'s folder, plain or .gz."""
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    files, missing = {}, []
+    for split in _NORB_SPLITS:
+        for kind in ("dat", "cat", "info"):
+            name = f"smallnorb-{split}-{kind}.mat"
+            found = [n for n in (name, name + ".gz") if os.path.isfile(os.path.join(folder, n))]
+            if found:
+                files[split, kind] = os.path.join(folder, found[0])
+            else:
+                missing.append(name)
+    if missing:
+        raise DataError(f"{folder}: SmallNORB needs its six files (plain or .gz) in one folder; "
+                        f"missing {', '.join(missing)}")
+    return folder, files
+
+
+def _norb_factors(files, formats):
+    """(category, instance, elevation, azimuth / 2, lighting) int64 (N, 5), training then testing."""
+    parts = []
+    for split in _NORB_SPLITS:
+        cat, info = (formats.read_norb(files[split, k], None) for k in ("cat", "info"))
+        if cat.ndim != 1 or info.ndim != 2 or info.shape != (len(cat), 4):
+            raise DataError(f"{files[split, 'info']}: cat {cat.shape} and info {info.shape} do not "
+                            "fit (N,) and (N, 4)")
+        parts.append(np.column_stack([cat, info]).astype(np.int64))
+    factors = np.concatenate(parts)
+    if (factors[:, 3] % 2).any():
+        raise DataError(f"{files[_NORB_SPLITS[0], 'info']}: odd azimuths; SmallNORB's are 0, 2, ..., 34")
+    factors[:, 3] //= 2
+    bad = np.flatnonzero(((factors < 0) | (factors >= _NORB_SIZES)).any(1))
+    if bad.size:
+        raise DataError(f"{files[_NORB_SPLITS[0], 'info']}: row {bad[0]} has factors "
+                        f"{factors[bad[0]].tolist()} outside SmallNORB's {_NORB_SIZES}")
+    return factors
+
+
+def _norb_images(files, formats, out):
+    """The first image of each stereo pair, resized to 64x64 with PIL's LANCZOS (disentanglement_
+    lib's ANTIALIAS), into out (N, 64, 64, 1); the .dat files are streamed in blocks."""
+    progress, row = _progress(len(out), "SmallNORB"), 0
+    for split in _NORB_SPLITS:
+        shape, blocks = formats.norb_blocks(files[split, "dat"], rows=512)
+        rows = len(formats.read_norb(files[split, "cat"], None))
+        if len(shape) != 4 or shape[1] != 2 or shape[0] != rows:
+            raise DataError(f"{files[split, 'dat']}: shape {shape}; expected ({rows}, 2, H, W): "
+                            "a stereo pair per row of its -cat file")
+        for _, block in blocks:
+            for pair in block:
+                image = Image.fromarray(np.ascontiguousarray(pair[0], dtype=np.uint8))
+                out[row, :, :, 0] = np.asarray(image.resize((64, 64), Image.LANCZOS))
+                row += 1
+            progress(row)
+    return out
+
+
+def _load_norb(path, cache_dir=None):
+    """SmallNORB (LeCun et al. 2004) as disentanglement_lib's `norb`: both splits, training first;
+    images (48600, 64, 64, 1) uint8, decoded once into a cache; factors category (5), instance
+    (10: training has 4, 6, 7, 8, 9, testing 0, 1, 2, 3, 5, as info stores them), elevation (9),
+    azimuth (18: info's 0, 2, ..., 34 halved), lighting (6). `path`: the folder or one file."""
+    formats = _fileformats(path)
+    folder, files = _norb_files(path)
+    with _formats_errors():
+        factors = _norb_factors(files, formats)
+        stats = sorted((os.path.basename(p), s.st_size, s.st_mtime_ns)
+                       for p in files.values() for s in [os.stat(p)])
+        cache = _cache_file(folder, "smallnorb-64x64", cache_dir, stats)
+        images = _read_cache(cache, lambda s: s == (len(factors), 64, 64, 1))
+        if images is None:
+            images = _write_cache(cache, (len(factors), 64, 64, 1),
+                                  lambda out: _norb_images(files, formats, out))
+    return _dataset(images, factors, _NORB_NAMES, _NORB_SIZES, "smallnorb")
+
+
+# ---------------------------------------------------------------------------------------------
+# 3D chairs (Aubry et al. 2014): rendered_chairs/<chair>/renders/image_XXX_pYYY_tZZZ_r096.png
+
+_CHAIR_VIEW = re.compile(r"(?:^|/)([^/]+)/renders/image_\d+_p(\d+)_t(\d+)_r\d+\.png$")
+_CHAIR_CROP = 2 / 3  # of the side, centred: 400 of the renders' 600 pixels, the chair without margin
+
+
+def _is_chairs(path):
+    """rendered_chairs.tar (by name) or a folder whose sub-folders hold renders/image_*.png."""
+    base = os.path.basename(os.path.normpath(path)).lower()
+    if not os.path.isdir(path):
+        return base.startswith("rendered_chairs") and base.endswith((".tar", ".tar.gz", ".tgz"))
+    with os.scandir(path) as entries:
+        for entry in entries:
+            renders = os.path.join(entry.path, "renders")
+            if entry.is_dir() and os.path.isdir(renders):
+                return any(_CHAIR_VIEW.search(f"{entry.name}/renders/{n}") for n in os.listdir(renders))
+    return False
+
+
+def _chair_grid(path, names):
+    """(rows: the file names in (chair, azimuth, elevation) order, sizes) from the renders' names:
+    chairs are their folders (sorted), azimuth the t values and elevation the p values (sorted).
+    Raises DataError if a chair lacks a view or has one twice."""
+    views = {}
+    for name in names:
+        match = _CHAIR_VIEW.search(name)
+        if match:
+            chair, p, t = match.group(1), int(match.group(2)), int(match.group(3))
+            if views.setdefault((chair, t, p), name) != name:
+                raise DataError(f"{path}: two renders of chair {chair} at p{p:03d} t{t:03d}")
+    if not views:
+        raise DataError(f"{path}: no <chair>/renders/image_*_p*_t*_r*.png files (3D chairs' layout)")
+    axes = [sorted({key[k] for key in views}) for k in range(3)]
+    sizes = tuple(len(a) for a in axes)
+    if len(views) != np.prod(sizes):
+        counts = {}
+        for chair, _, _ in views:
+            counts[chair] = counts.get(chair, 0) + 1
+        short = min(counts, key=counts.get)
+        raise DataError(f"{path}: chair {short} has {counts[short]} views; every chair needs all "
+                        f"{sizes[1]} azimuths x {sizes[2]} elevations")
+    rows = [views[c, t, p] for c in axes[0] for t in axes[1] for p in axes[2]]
+    return rows, sizes
+
+
+def _chair_image(source, where):
+    """(64, 64) uint8 gray of a render: alpha composited on white, the centred square of 2/3 of
+    the side, resized with PIL's LANCZOS, converted to gray with PIL's "L" (ITU-R 601-2 luma)."""
+    with _reading(where, "unreadable image"), Image.open(source) as im:
+        im = im.convert("RGBA")
+        white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, im).convert("L")
+        w, h = im.size
+        side = max(1, round(min(w, h) * _CHAIR_CROP))
+        left, top = (w - side) // 2, (h - side) // 2
+        return np.asarray(im.crop((left, top, left + side, top + side)).resize((64, 64), Image.LANCZOS))
+
+
+def _chair_sources(path, rows):
+    """(row, name, file or stream) of each render, streamed from a tar in archive order."""
+    if os.path.isdir(path):
+        yield from ((i, n, os.path.join(path, n)) for i, n in enumerate(rows))
+        return
+    row = {n: i for i, n in enumerate(rows)}
+    for member, data in _tar_files(path, row.__contains__):
+        if data is not None:
+            yield row[member.name], f"{path}:{member.name}", io.BytesIO(data)
+
+
+def _load_chairs(path, cache_dir=None):
+    """3D chairs (Aubry et al. 2014) from rendered_chairs.tar or its extracted folder: 1,393
+    chairs x 62 views as published, (N, 64, 64, 1) uint8 gray (_chair_image), decoded once into
+    a cache; factors chair (folder, sorted), azimuth (31: t), elevation (2: p) from the names."""
+    in_tar = not os.path.isdir(path)
+    listing = None if in_tar else sorted(_folder_files(path)[0])
+    cache = _cache_file(path, "chairs-64x64-gray", cache_dir, listing)
+    names = [m.name for m, _ in _tar_files(path)] if in_tar else [f[0] for f in listing]
+    rows, sizes = _chair_grid(path, names)
+    images = _read_cache(cache, lambda s: s == (len(rows), 64, 64, 1))
+    if images is None:
+        def fill(out):
+            progress = _progress(len(rows), path)
+            for done, (i, where, source) in enumerate(_chair_sources(path, rows), 1):
+                out[i, :, :, 0] = _chair_image(source, where)
+                progress(done)
+            return out
+        images = _write_cache(cache, (len(rows), 64, 64, 1), fill)
+    return _dataset(images, _grid_factors(sizes), ["chair", "azimuth", "elevation"], sizes, "chairs3d")
+
+
+# ---------------------------------------------------------------------------------------------
+# dSprites variants of disentanglement_lib (Locatello et al. 2019): colour, noise, scream
+
+class DrawnImages:
+    """uint8 images (N, H, W, C) made from stored ones only when rows are drawn: `images[index]`
+    (an int, a slice, an int array, with optional further indexes) returns the rows
+    draw(stored[rows], rows) computes, so no copy of the whole data set is ever made. Has the
+    `shape`, `dtype`, `ndim`, `nbytes` and `len()` of the array it stands for; np.asarray of it
+    computes every row (a full copy: avoid)."""
+
+    def __init__(self, stored, shape, draw):
+        self.stored, self.shape, self.draw = stored, tuple(shape), draw
+        self.dtype, self.ndim = np.dtype(np.uint8), len(shape)
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64))
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        rows, rest = (key[0], key[1:]) if isinstance(key, tuple) else (key, ())
+        if isinstance(rows, slice):
+            index = np.arange(*rows.indices(len(self)))
+        else:
+            index = np.arange(len(self))[rows]  # checks bounds, allows negatives and masks
+        batch = self.draw(self.stored[np.atleast_1d(index)], np.atleast_1d(index))
+        batch = batch[0] if np.ndim(index) == 0 else batch
+        return batch[rest] if rest else batch
+
+    def __array__(self, dtype=None, copy=None):
+        out = np.concatenate([self[start:start + 4096] for start in range(0, len(self), 4096)])
+        return out if dtype is None else out.astype(dtype)
+
+
+def _variant(dataset, source, seed, variant=None, scream=None):
+    """The dataset with its 1-channel images drawn as disentanglement_lib's dSprites variants, in
+    colour (N, H, W, 3): "color" (the sprite times a colour with every channel uniform in
+    [0.5, 1]), "noisy" (the background uniform noise in 0..255 per pixel and channel; the sprite
+    white), or scream=PATH (the background a random 64x64 patch of the picture, thumbnailed to fit
+    350x274, averaged with a random colour; the sprite that background inverted). Each image's
+    colour, noise or patch is fixed by (seed, row)."""
+    if variant not in (None, "color", "noisy"):
+        raise DataError(f"{source}: option variant={variant!r}: expected color or noisy (or scream=PATH)")
+    if (variant is None) == (scream is None):
+        raise DataError(f"{source}: give one of variant=color, variant=noisy or scream=PATH")
+    n, h, w, c = dataset.images.shape
+    if c != 1:
+        raise DataError(f"{source}: the dSprites variants need 1-channel (binary) images; these have {c}")
+    if variant == "color":
+        colours = np.random.default_rng(seed).uniform(0.5, 1, (n, 3)).astype(np.float32)
+        draw = lambda batch, rows: np.rint(batch * colours[rows][:, None, None, :]).astype(np.uint8)
+    elif variant == "noisy":
+        draw = lambda batch, rows: np.maximum(batch, np.stack(
+            [np.random.default_rng([seed, r]).integers(0, 256, (h, w, 3), np.uint8) for r in rows]))
+    else:
+        draw = _scream_draw(_scream_picture(scream, source, h, w), seed)
+    images = DrawnImages(dataset.images, (n, h, w, 3), draw)
+    return Dataset(images, dataset.factors, dataset.factor_names, dataset.factor_sizes,
+                   f"{dataset.name}:{variant or 'scream'}")
+
+
+def _scream_picture(path, source, h, w):
+    """The picture as disentanglement_lib prepares The Scream: thumbnail to fit 350x274, RGB uint8."""
+    with _reading(path, f"{source}: option scream: not a readable picture"), Image.open(path) as im:
+        im = im.convert("RGB")
+        im.thumbnail((350, 274))
+        picture = np.asarray(im)
+    if picture.shape[0] <= h or picture.shape[1] <= w:
+        raise DataError(f"{path}: the scream picture is {picture.shape[1]}x{picture.shape[0]} once fitted "
+                        f"to 350x274; it must be larger than the {w}x{h} images")
+    return picture
+
+
+def _scream_draw(picture, seed):
+    def draw(batch, rows):
+        b, h, w, _ = batch.shape
+        out = np.empty((b, h, w, 3), np.uint8)
+        for i, row in enumerate(rows):
+            rng = np.random.default_rng([seed, row])
+            top, left = rng.integers(0, picture.shape[0] - h), rng.integers(0, picture.shape[1] - w)
+            colour = rng.uniform(0, 255, 3)
+            background = np.rint((picture[top:top + h, left:left + w] + colour) / 2).astype(np.uint8)
+            out[i] = np.where(batch[i] == 255, 255 - background, background)
+        return out
+    return draw
 
 
 # ============================================================================= pairs (weak supervision)

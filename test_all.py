@@ -1413,6 +1413,138 @@ def test_pairs_refuse_unlabelled_data_and_bad_k():
         data.PairSampler(factors, [2, 1, 1], 1)
 
 
+# ----------------------------------------------------------------------------- data: the benchmark datasets
+
+_bench_spec = importlib.util.spec_from_file_location(
+    "make_benchmark_fixtures", os.path.join(FIXTURES, "make_benchmark_fixtures.py"))
+bench_fx = importlib.util.module_from_spec(_bench_spec)
+_bench_spec.loader.exec_module(bench_fx)
+
+
+@pytest.mark.parametrize("name", sorted(bench_fx.MPI3D_GRIDS))
+def test_mpi3d_published_files_are_memory_mapped_with_their_grid(tmp_path, name):
+    path = tmp_path / name
+    grid = bench_fx.MPI3D_GRIDS[name]
+    bench_fx.write_mpi3d(path, grid)
+    ds = data.load(path)
+    assert isinstance(ds.images, np.memmap) and not ds.images.flags.writeable
+    assert ds.factor_sizes == list(grid) and ds.factor_names[0] == "object_color"
+    assert ds.factor_names[-2:] == ["horizontal_axis", "vertical_axis"]
+    rows = np.random.default_rng(0).choice(len(ds), 2000, replace=False)
+    # each fixture image carries its own factor indices in its first 7 bytes
+    np.testing.assert_array_equal(ds.factors[rows], ds.images[rows].reshape(len(rows), -1)[:, :7])
+    assert ds.factors[-1].tolist() == [s - 1 for s in grid]
+
+
+def test_mpi3d_other_counts(tmp_path):
+    np.savez(tmp_path / "mpi3d_toy.npz", images=np.zeros((1000, 64, 64, 3), np.uint8))
+    with pytest.raises(DataError, match="mpi3d_toy.npz: .*1,036,800 .*460,800"):
+        data.load(tmp_path / "mpi3d_toy.npz")
+    np.savez(tmp_path / "mine.npz", images=np.full((50, 4, 4, 3), 7, np.uint8))  # not named MPI3D
+    ds = data.load(tmp_path / "mine.npz")
+    assert ds.factors is None and ds.images.shape == (50, 4, 4, 3) and ds.images.max() == 7
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_smallnorb_as_disentanglement_lib(tmp_path, compress):
+    folder = tmp_path / "norb"
+    bench_fx.write_smallnorb(folder, rows=12, compress=compress)
+    arrays = list(bench_fx.norb_arrays(12).values())
+    expected = np.concatenate([np.column_stack([cat, info]) for _, cat, info in arrays])
+    expected[:, 3] //= 2  # azimuths 0, 2, ..., 34 -> 0..17
+    one_file = next(folder.glob("*testing-info.mat*"))
+    for source in (folder, one_file):
+        ds = data.load(source, cache_dir=tmp_path / "cache")
+        assert ds.factor_names == ["category", "instance", "elevation", "azimuth", "lighting"]
+        assert ds.factor_sizes == [5, 10, 9, 18, 6]
+        np.testing.assert_array_equal(ds.factors, expected)
+        assert ds.images.shape == (24, 64, 64, 1)
+    firsts = np.concatenate([dat[:, 0] for dat, _, _ in arrays])
+    for i in (0, 13, 23):  # the first image of each pair, LANCZOS-resized
+        want = np.asarray(Image.fromarray(firsts[i]).resize((64, 64), Image.LANCZOS))
+        np.testing.assert_array_equal(ds.images[i, :, :, 0], want)
+    assert set(ds.factors[:12, 1]) <= {4, 6, 7, 8, 9} and set(ds.factors[12:, 1]) <= {0, 1, 2, 3, 5}
+    next(folder.glob("*training-cat.mat*")).unlink()
+    with pytest.raises(DataError, match="missing smallnorb-5x46789x9x18x6x2x96x96-training-cat.mat"):
+        data.load(folder, cache_dir=tmp_path / "cache")
+
+
+def test_chairs_folder_and_tar(tmp_path):
+    folder = tmp_path / "rendered_chairs"
+    bench_fx.write_chairs(folder)
+    bench_fx.tar_chairs(folder, tmp_path / "rendered_chairs.tar")
+    grid = (3, 31, 2)
+    for source in (folder, tmp_path / "rendered_chairs.tar"):
+        ds = data.load(source, cache_dir=tmp_path / "cache")
+        assert ds.factor_names == ["chair", "azimuth", "elevation"] and ds.factor_sizes == list(grid)
+        np.testing.assert_array_equal(ds.factors, np.indices(grid).reshape(3, -1).T)
+        # the 2/3 centre crop keeps exactly the gray square: row r is the value r everywhere
+        assert ds.images.shape == (186, 64, 64, 1)
+        np.testing.assert_array_equal(ds.images.reshape(186, -1).min(1), np.arange(186))
+        np.testing.assert_array_equal(ds.images.reshape(186, -1).max(1), np.arange(186))
+    next((folder / bench_fx.CHAIRS[1] / "renders").glob(f"*_p030_t{bench_fx.CHAIR_AZIMUTHS[1]:03d}_*")).unlink()
+    with pytest.raises(DataError, match=f"chair {bench_fx.CHAIRS[1]} has 61 views"):
+        data.load(folder, cache_dir=tmp_path / "cache")
+
+
+def test_dsprites_variants_are_drawn_per_batch(tmp_path):
+    path = tmp_path / "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
+    bench_fx.write_dsprites(path)
+    plain = data.load(path)
+    sprite = plain.images[..., 0] == 255
+    rows = np.arange(0, len(plain), 5)
+    color = data.load(f"{path}:variant=color", seed=3)
+    assert color.images.shape == (192, 64, 64, 3) and color.factor_names == plain.factor_names
+    batch = color.images[rows]
+    assert batch.dtype == np.uint8 and (batch[~sprite[rows]] == 0).all()
+    for image, mask in zip(batch, sprite[rows]):  # one colour per image, each channel in [0.5, 1]
+        colour = image[mask]
+        assert (colour == colour[0]).all() and (colour[0] >= 127).all()
+    np.testing.assert_array_equal(color.images[rows], batch)  # fixed by (seed, row)
+    assert not np.array_equal(data.load(f"{path}:variant=color", seed=4).images[rows], batch)
+    noisy = data.load(f"{path}:variant=noisy").images[rows]
+    assert (noisy[sprite[rows]] == 255).all()
+    background = noisy[~sprite[rows]].astype(float)
+    assert abs(background.mean() - 127.5) < 3 and background.min() == 0 and background.max() == 255
+    picture = tmp_path / "scream.png"  # red channel = the row: 2 * out - row is constant per image
+    Image.fromarray(np.repeat(np.arange(200, dtype=np.uint8)[:, None, None], 300, 1).repeat(3, 2)).save(picture)
+    scream = data.load(path, scream=str(picture)).images[rows]
+    for image, mask in zip(scream, sprite[rows]):
+        red = np.where(mask, 255 - image[..., 0], image[..., 0]).astype(int)
+        offset = 2 * red - np.arange(64)[:, None]  # top + colour, within rounding
+        assert offset.max() - offset.min() <= 2
+    with pytest.raises(DataError, match="variant='bw'"):
+        data.load(f"{path}:variant=bw")
+    with pytest.raises(DataError, match="1-channel"):
+        data.load("shapes:hues=2,scales=1,orientations=1:variant=color".replace(":variant", ",variant"))
+
+
+@pytest.mark.parametrize("kind", ["mpi3d", "norb", "chairs", "dsprites_color"])
+def test_benchmark_datasets_train_end_to_end(tmp_path, kind):
+    if kind == "mpi3d":
+        source = tmp_path / "real3d_complicated_shapes_ordered.npz"
+        bench_fx.write_mpi3d(source, bench_fx.MPI3D_GRIDS[source.name])
+        extra, names = ["--arch", "mlp"], data.load(source).factor_names
+    elif kind == "norb":
+        bench_fx.write_smallnorb(tmp_path / "norb", rows=40, compress=True)
+        source, extra, names = tmp_path / "norb", [], ["category", "instance", "elevation", "azimuth", "lighting"]
+    elif kind == "chairs":
+        source = tmp_path / "rendered_chairs.tar"
+        bench_fx.write_chairs(tmp_path / "chairs")
+        bench_fx.tar_chairs(tmp_path / "chairs", source)
+        extra, names = [], ["chair", "azimuth", "elevation"]
+    else:
+        bench_fx.write_dsprites(tmp_path / "d.npz")
+        source, extra = f"{tmp_path / 'd.npz'}:variant=color", []
+        names = ["shape", "scale", "orientation", "posX", "posY"]
+    out = str(tmp_path / "ckpt.pt")
+    code = train.main(["--data", str(source), "--steps", "2", "--batch-size", "16", "--out", out,
+                       "--final-eval", "64", "--latents", "4", *extra])
+    assert code == 0
+    state = torch.load(out, weights_only=True)
+    assert state["config"]["factor_names"] == names and "final" in state
+
+
 # ----------------------------------------------------------------------------- data: the HDF5 reader
 
 FIX = FIXTURES
