@@ -16,22 +16,24 @@ DataError naming the file and the problem.
 """
 import colorsys
 import contextlib
+import errno
 import fnmatch
 import glob
 import gzip
 import hashlib
 import importlib
-import inspect
 import io
 import mmap
 import os
 import pickletools
 import re
+import shutil
 import struct
 import sys
 import tarfile
 import tempfile
 import time
+import typing
 import zipfile
 import zlib
 
@@ -40,15 +42,28 @@ from PIL import Image, ImageOps
 
 
 class DataError(ValueError):
-    """A dataset file or name that cannot be read; the message names the file and the problem."""
+    """A dataset file or name that cannot be read, or a file that cannot be written (WriteError);
+    the message names the file and the problem."""
+
+
+class WriteError(DataError, OSError):
+    """A file that could not be written whole (disk full, a file size limit, no permission); the
+    message names the file, and nothing half-written is left behind (write_atomically)."""
 
 
 class Dataset:
-    """Images as stored (uint8, (N, H, W, C)) with optional integer factors (int64, (N, K))."""
+    """Images as stored (uint8, (N, H, W, C)) with optional integer factors (int64, (N, K)).
+    `preprocessing` says what was done to stored images to give these (decoded images: the crop
+    and size, and why), "" when they are as stored."""
 
-    def __init__(self, images, factors=None, factor_names=(), factor_sizes=(), name=""):
-        self.images, self.factors, self.name = images, factors, name
-        self.factor_names, self.factor_sizes = list(factor_names), [int(s) for s in factor_sizes]
+    def __init__(self, images, factors=None, factor_names=(), factor_sizes=(), name="",
+                 preprocessing=""):
+        self.images = images
+        self.factors = factors
+        self.name = name
+        self.factor_names = list(factor_names)
+        self.factor_sizes = [int(s) for s in factor_sizes]
+        self.preprocessing = preprocessing
 
     def __len__(self):
         return len(self.images)
@@ -61,10 +76,13 @@ class Dataset:
 def describe(dataset):
     """One line saying what a Dataset holds, e.g. "sprites: 737280 images 64x64x1 uint8, factors
     shape(3) scale(6) ..." (images, height x width x channels in pixels, each factor and its number
-    of classes; "factors none" if unlabelled). Raises ValueError if images are not (N, H, W, C)."""
+    of classes; "factors none" if unlabelled), then its preprocessing if any ("; celebA
+    recognised ...: centre crop 148x148, resized to 64x64"). Raises ValueError if images are not
+    (N, H, W, C)."""
     n, h, w, c = dataset.images.shape
     factors = " ".join(f"{k}({s})" for k, s in zip(dataset.factor_names, dataset.factor_sizes)) or "none"
-    return f"{dataset.name}: {n} images {h}x{w}x{c} uint8, factors {factors}"
+    line = f"{dataset.name}: {n} images {h}x{w}x{c} uint8, factors {factors}"
+    return line + (f"; {dataset.preprocessing}" if dataset.preprocessing else "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,7 +109,8 @@ def load(source, limit=None, seed=0, **options):
     """A Dataset (images uint8 (N, H, W, C); factors int64 (N, K) or None) from a built-in name,
     options as "sprites:positions=8" or keywords, or a file or folder (formats: module docstring);
     `limit` keeps that many rows, rng(seed)'s choice, sorted. Raises DataError naming the source and
-    the problem (missing, unreadable, unknown format or option, wrong shapes)."""
+    the problem (missing, unreadable, unknown format or option, wrong shapes), WriteError when a
+    cache of decoded images cannot be written (disk full, ...)."""
     source = os.fspath(source)
     name, _, spec = source.partition(":")
     if name in _BUILTINS and not os.path.exists(source):
@@ -101,17 +120,35 @@ def load(source, limit=None, seed=0, **options):
     else:
         reader, args = _reader_for(source), dict(options, path=source)
     variant = {key: args.pop(key) for key in ("variant", "scream") if key in args}
-    allowed = [p for p in inspect.signature(reader).parameters if p not in ("path", "limit", "seed")]
+    allowed = [option for option in _reader_options(reader) if option not in ("limit", "seed")]
     allowed += ["variant", "scream"]  # any 1-channel dataset: _variant
     unknown = sorted(set(args) - set(allowed) - {"path"})
     if unknown:
         raise DataError(f"{source}: unknown option(s) {unknown}; valid: {allowed}")
     if limit is not None and int(limit) < 1:
         raise DataError(f"{source}: limit must be a positive number of images, not {limit}")
-    if "limit" in inspect.signature(reader).parameters:  # readers that can read a subset
+    if "limit" in _reader_options(reader):  # a reader that reads only the rows kept
         args.update(limit=limit, seed=seed)
     dataset = _subset(reader(**args), limit, seed)
     return _variant(dataset, source, seed, **variant) if variant else dataset
+
+
+def _reader_options(reader):
+    """The keyword options `reader` takes besides its path; "limit" and "seed" mark a reader that
+    reads only the rows `limit` keeps. (A table in a function: the readers are defined below.)"""
+    table = {
+        _sprites: ("positions", "orientations", "scales", "shapes"),
+        _shapes: ("hues", "scales", "shapes", "orientations"),
+        _load_npz: (),
+        _load_npy: (),
+        _load_hdf5: ("limit", "seed"),
+        _load_images: ("size", "crop", "cache_dir"),  # folders, zips, tars; cars3d's files too
+        _load_faces: (),
+        _load_mpi3d: (),
+        _load_norb: ("cache_dir",),
+        _load_chairs: ("cache_dir",),
+    }
+    return table[reader]
 
 
 def _parse_spec(spec, source):
@@ -130,10 +167,10 @@ def _reader_for(path):
     for is_kind, reader in [(_is_norb, _load_norb), (_is_chairs, _load_chairs)]:  # by name or layout
         if is_kind(path):
             return reader
+    if os.path.isdir(path):  # images, in sub-folders too, or cars3d's .mat files: _image_contents
+        return _load_images
     if path.lower().endswith(".npz") and _is_mpi3d(path):
         return _load_mpi3d
-    if os.path.isdir(path):  # images may be in sub-folders: _load_images says if there are none
-        return _load_cars3d if any(map(_is_car, os.listdir(path))) else _load_images
     suffixes = [(".npz", _load_npz), (".npy", _load_npy), ((".h5", ".hdf5"), _load_hdf5),
                 ((".zip", ".tar.gz", ".tgz", ".tar"), _load_images),  # a tar of cars3d .mat files too
                 ((".pth", ".pt"), _load_faces)]
@@ -158,18 +195,20 @@ def _subset(ds, limit, seed):
     if rows is None:
         return ds
     factors = None if ds.factors is None else ds.factors[rows]
-    return _dataset(ds.images[rows], factors, ds.factor_names, ds.factor_sizes, ds.name)
+    return _dataset(ds.images[rows], factors, ds.factor_names, ds.factor_sizes, ds.name,
+                    ds.preprocessing)
 
 
-def _dataset(images, factors, names, sizes, name):
-    """A Dataset with constant factor columns (size 1 or a single value) dropped: every reader
-    builds its Dataset here."""
-    if factors is None:
-        return Dataset(images, None, (), (), name)
-    keep = [k for k in range(factors.shape[1]) if sizes[k] > 1 and
-            (len(factors) == 0 or factors[:, k].min() != factors[:, k].max())]
+def _dataset(images, factors, names, sizes, name, preprocessing=""):
+    """A Dataset with constant factor columns (size 1 or a single value) dropped, unlabelled
+    (factors None) when none is left: every reader builds its Dataset here."""
+    keep = [] if factors is None else [
+        k for k in range(factors.shape[1])
+        if sizes[k] > 1 and len(factors) and factors[:, k].min() != factors[:, k].max()]
+    if not keep:
+        return Dataset(images, None, (), (), name, preprocessing)
     return Dataset(images, np.ascontiguousarray(factors[:, keep], dtype=np.int64),
-                   [names[k] for k in keep], [sizes[k] for k in keep], name)
+                   [names[k] for k in keep], [sizes[k] for k in keep], name, preprocessing)
 
 
 def _grid_factors(sizes):
@@ -314,6 +353,8 @@ _BUILTINS = {"sprites": _sprites, "shapes": _shapes}
 # numpy files
 
 _DSPRITES_NAMES = ["color", "shape", "scale", "orientation", "posX", "posY"]  # its latents_classes columns
+_DSPRITES_VALUES = [np.ones(1), np.arange(1.0, 4.0), np.linspace(0.5, 1, 6),  # latents_values' grids
+                    np.linspace(0, 2 * np.pi, 40), np.linspace(0, 1, 32), np.linspace(0, 1, 32)]
 
 def _npy_member(zf, info, path):
     _zip_member_ok(info, path)
@@ -333,9 +374,11 @@ def _npy_member(zf, info, path):
 
 
 def _load_npz(path):
-    """dSprites' .npz (imgs, latents_classes) or your own images, factors, factor_names and
-    factor_sizes, read member by member: nothing is ever unpickled."""
-    wanted = ["imgs", "images", "latents_classes", "factors", "factor_names", "factor_sizes"]
+    """dSprites' .npz (imgs, and latents_classes or else latents_values, _dsprites_classes) or
+    your own images, factors, factor_names and factor_sizes, read member by member, stored or
+    deflated: nothing is ever unpickled."""
+    wanted = ["imgs", "images", "latents_classes", "latents_values", "factors", "factor_names",
+              "factor_sizes"]
     with _reading(path, "not a readable .npz file"), zipfile.ZipFile(path) as zf:
         members = {n[:-4]: zf.getinfo(n) for n in zf.namelist() if n.endswith(".npy")}
         arrays = {k: _npy_member(zf, members[k], path) for k in wanted if k in members}
@@ -347,8 +390,44 @@ def _load_npz(path):
     if factors is not None and "latents_classes" in arrays and names is None and factors.ndim == 2 \
             and factors.shape[1] == 6:
         names = _DSPRITES_NAMES
+    if factors is None and "latents_values" in arrays:
+        factors = _dsprites_classes(path, "latents_values", arrays["latents_values"])
+        names, sizes = _DSPRITES_NAMES, [len(grid) for grid in _DSPRITES_VALUES]
     with _reading(path, "arrays of the wrong kind"):
         return _checked(path, images, factors, names, sizes)
+
+
+def _dsprites_classes(path, array_name, values):
+    """dSprites' latents_classes (N, 6) int64 from its latents_values (N, 6): each value's index on
+    the published grid of its column (_DSPRITES_VALUES), as the published file's own classes are.
+    Raises DataError saying why not (the shape, or the first value off its grid)."""
+    if values.ndim != 2 or values.shape[1] != 6 or values.dtype.kind not in "fiu":
+        raise DataError(f"{path}: {array_name} is {values.dtype} {values.shape}; dSprites' has 6 "
+                        f"numeric columns ({', '.join(_DSPRITES_NAMES)}) from which to derive the "
+                        "classes (latents_classes is missing)")
+    return _grid_classes(path, array_name, values, _DSPRITES_VALUES, _DSPRITES_NAMES, "dSprites")
+
+
+def _grid_classes(path, array_name, values, grids, names, dataset):
+    """Class indices int64 (N, K) of `values` (N, K): each value's nearest point of its column's
+    grid (sorted), if within 5% of the grid's spacing (1e-6 for a grid of one point). Raises
+    DataError naming the array, the row and column and the factor of the first value off its
+    grid (NaN included)."""
+    classes = np.empty(values.shape, np.int64)
+    for k, grid in enumerate(grids):
+        column = values[:, k].astype(np.float64)
+        right = np.clip(np.searchsorted(grid, column), 1, max(len(grid) - 1, 1)) if len(grid) > 1 \
+            else np.zeros(len(column), np.int64)
+        left = np.maximum(right - 1, 0)
+        nearest = np.where(np.abs(column - grid[left]) <= np.abs(grid[right] - column), left, right)
+        tolerance = 0.05 * np.diff(grid).min() if len(grid) > 1 else 1e-6
+        bad = np.flatnonzero(~(np.abs(column - grid[nearest]) <= tolerance))
+        if bad.size:
+            raise DataError(f"{path}: {array_name}[{bad[0]}, {k}] = {column[bad[0]]!r} is not a "
+                            f"{dataset} {names[k]} value (the published grid: {len(grid)} values "
+                            f"from {grid[0]:g} to {grid[-1]:g})")
+        classes[:, k] = nearest
+    return classes
 
 
 def _load_npy(path):
@@ -360,16 +439,10 @@ def _load_npy(path):
 
 
 def _checked(path, images, factors, names, sizes):
-    """Validate shapes and types; binary 0/1 images are scaled to 0/255 in place."""
-    if images.dtype != np.uint8:
-        raise DataError(f"{path}: images are {images.dtype}; expected uint8 0..255 "
-                        "(convert with np.round(x * 255).astype(np.uint8))")
-    if images.ndim == 3:
-        images = images.reshape(images.shape + (1,))  # a view: adds the channel axis
-    if images.ndim != 4 or images.shape[3] not in (1, 3):
-        raise DataError(f"{path}: images have shape {images.shape}; expected (N,H,W) or (N,H,W,C), C 1 or 3")
-    if images.flags.writeable and images.size and images.max() <= 1:
-        np.multiply(images, 255, out=images)
+    """The Dataset of validated arrays: images uint8 (N, H, W[, C]), N >= 1, binary 0/1 images
+    scaled to 0/255 in place; factors (N, K) class indices >= 0 of any integer dtype (read as
+    int64), with names and sizes (given, or factor0.. and max + 1)."""
+    images = _checked_images(path, images)
     if factors is None:
         return _dataset(images, None, (), (), os.path.basename(path))
     if factors.dtype.kind not in "iu" or factors.ndim != 2 or len(factors) != len(images):
@@ -378,12 +451,50 @@ def _checked(path, images, factors, names, sizes):
     bad_sizes = sizes is not None and (np.ndim(sizes) != 1 or np.asarray(sizes).dtype.kind not in "iu")
     if names is not None and np.ndim(names) != 1 or bad_sizes:
         raise DataError(f"{path}: factor_names should be a list of names and factor_sizes a list of integers")
-    k, n = factors.shape[1], len(factors)
+    k = factors.shape[1]
     names = [f"factor{i}" for i in range(k)] if names is None else [str(s) for s in names]
-    sizes = [int(s) for s in (sizes if sizes is not None else factors.max(0) + 1 if n else [1] * k)]
-    if len(names) != k or len(sizes) != k or n and ((factors.min(0) < 0).any() or (factors.max(0) >= sizes).any()):
+    if len(names) != k or sizes is not None and len(sizes) != k:
         raise DataError(f"{path}: factor_names/factor_sizes do not fit factors of shape {factors.shape}")
+    factors = _class_indices(path, factors, names)
+    sizes = [int(s) for s in (sizes if sizes is not None else factors.max(0, initial=0) + 1)]
+    if (factors.max(0, initial=0) >= sizes).any():
+        raise DataError(f"{path}: factor_sizes {sizes} do not fit factors whose largest values are "
+                        f"{factors.max(0).tolist()}")
     return _dataset(images, factors, names, sizes, os.path.basename(path))
+
+
+def _checked_images(path, images):
+    """uint8 images (N, H, W, C), N >= 1, C 1 or 3, binary 0/1 ones scaled to 0/255 in place."""
+    if images.dtype != np.uint8:
+        raise DataError(f"{path}: images are {images.dtype}; expected uint8 0..255 "
+                        "(convert with np.round(x * 255).astype(np.uint8))")
+    if images.ndim == 3:
+        images = images.reshape(images.shape + (1,))  # a view: adds the channel axis
+    if images.ndim != 4 or images.shape[3] not in (1, 3):
+        raise DataError(f"{path}: images have shape {images.shape}; expected (N,H,W) or (N,H,W,C), C 1 or 3")
+    if len(images) == 0:
+        raise DataError(f"{path}: no images (the images array has shape {images.shape})")
+    if images.flags.writeable and images.size and images.max() <= 1:
+        np.multiply(images, 255, out=images)
+    return images
+
+
+def _class_indices(path, factors, names):
+    """Integer factors (N, K) of any dtype, N >= 1, as int64, if every value is a class index
+    0, 1, ...; else DataError naming the factor, the row and the value."""
+    if factors.size == 0:
+        return factors.astype(np.int64)
+    if factors.dtype == np.uint64 and factors.max() > np.iinfo(np.int64).max:
+        column = int(np.argmax(factors.max(0)))
+        raise DataError(f"{path}: factor {names[column]} holds {factors[:, column].max()}, too large "
+                        "for a class index")
+    factors = factors.astype(np.int64, copy=False)
+    if factors.min() < 0:
+        row, column = (int(i) for i in np.argwhere(factors < 0)[0])
+        raise DataError(f"{path}: factor {names[column]} is {factors[row, column]} at row {row}; "
+                        "factor values must be class indices 0, 1, 2, ... (negative values such as -1 "
+                        "for 'unknown' are not)")
+    return factors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,35 +504,29 @@ _SHAPES3D_NAMES = ["floor_hue", "wall_hue", "object_hue", "scale", "shape", "ori
 _SHAPES3D_VALUES = [np.arange(10) / 10] * 3 + [np.linspace(0.75, 1.25, 8), np.arange(4.0), np.linspace(-30, 30, 15)]
 
 
-def _h5():
-    """h5.py, the HDF5 reader beside this file, imported only when an HDF5 file is read."""
-    return importlib.import_module(f"{__package__}.h5" if __package__ else "h5")
-
-
 def __getattr__(name):
     """`data.H5File` and `data.H5Error` are h5.py's, imported on first use (PEP 562)."""
     if name in ("H5File", "H5Error"):
-        return getattr(_h5(), name)
+        import h5
+        return getattr(h5, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _load_hdf5(path, limit=None, seed=0):
-    """3dshapes (`images` + `labels`), dSprites (`imgs` + `latents/classes`) or your own uint8
-    `images` (N, H, W[, C]) and integer `factors` (N, K); only the rows `limit` keeps are read."""
+    """3dshapes (`images` + `labels`), dSprites (`imgs` + `latents/classes`, or `latents/values`:
+    _dsprites_classes) or your own uint8 `images` (N, H, W[, C]) and integer `factors` (N, K);
+    only the rows `limit` keeps are read. The format is read by h5.py, beside this file."""
     try:
-        h5 = _h5()
+        import h5
     except ModuleNotFoundError as error:
+        if error.name != "h5":
+            raise
         raise DataError(f"{path}: reading .h5/.hdf5 files needs h5.py (the toolkit's HDF5 reader) "
                         "beside data.py") from error
     try:
         with h5.H5File(path) as f:
             found = f.datasets()
-            image_name = next((n for n in ("images", "imgs") if n in found and found[n].dtype == np.uint8
-                               and found[n].ndim in (3, 4)), None)
-            if image_name is None:
-                listing = ", ".join(f"{n} {d.shape} {d.dtype}" for n, d in found.items()) or "no datasets"
-                raise DataError(f"{path}: expected 3dshapes ('images' + 'labels'), dSprites ('imgs' + 'latents/"
-                                f"classes') or a uint8 'images'/'imgs' dataset (N, H, W[, C]); found {listing}")
+            image_name = _hdf5_images(path, f, found)
             count = found[image_name].shape[0]
             rows = _rows(count, limit, seed)
             images = found[image_name][() if rows is None else rows]
@@ -429,26 +534,38 @@ def _load_hdf5(path, limit=None, seed=0):
     except h5.H5Error as error:
         raise DataError(str(error)) from error
     if factors is not None and rows is not None:
-        factors, sizes = factors[rows], factors.max(0) + 1 if sizes is None else sizes  # the whole file's sizes
+        if sizes is None:  # the whole file's sizes
+            sizes = factors.max(0, initial=0).astype(np.int64) + 1
+        factors = factors[rows]
     return _checked(path, images, factors, names, sizes)
+
+
+def _hdf5_images(path, f, found):
+    """The name of the images dataset, "images" or "imgs"; an H5Error if it is a link or a
+    dataset h5.py does not read (saying which), a DataError listing what there is otherwise."""
+    for name in ("images", "imgs"):
+        if name in found and found[name].dtype == np.uint8 and found[name].ndim in (3, 4):
+            return name
+        if name in f and name not in found:
+            f[name]  # raises H5Error: an external link, a dangling soft link, ...
+    listing = ", ".join(f"{n} {d.shape} {d.dtype}" for n, d in found.items()) or "no datasets"
+    raise DataError(f"{path}: expected 3dshapes ('images' + 'labels'), dSprites ('imgs' + 'latents/"
+                    f"classes') or a uint8 'images'/'imgs' dataset (N, H, W[, C]); found {listing}")
 
 
 def _hdf5_factors(path, found, image_name, count):
     """(factors, names or None, sizes or None) of every row, from 3dshapes' `labels`, dSprites'
-    `latents/classes` or a `factors` dataset; (None, None, None) if there are none."""
+    `latents/classes` (or `latents/values`) or a `factors` dataset; (None, None, None) if none."""
     labels, classes = found.get("labels"), found.get("latents/classes")
+    values = found.get("latents/values")
     if image_name == "images" and labels is not None and labels.shape == (count, 6):
-        values, factors = labels[()].astype(np.float64), []
-        for k, grid in enumerate(_SHAPES3D_VALUES):  # the nearest grid value, within 5% of the spacing
-            distance = np.abs(values[:, k, None] - grid[None, :])
-            bad = np.flatnonzero(distance.min(1) > 0.05 * np.diff(grid).min())
-            if bad.size:
-                raise DataError(f"{path}: labels[{bad[0]}, {k}] = {values[bad[0], k]!r} is not a 3dshapes "
-                                f"{_SHAPES3D_NAMES[k]} value")
-            factors.append(distance.argmin(1))
-        return np.stack(factors, 1), _SHAPES3D_NAMES, [10, 10, 10, 8, 4, 15]
+        factors = _grid_classes(path, "labels", labels[()], _SHAPES3D_VALUES, _SHAPES3D_NAMES, "3dshapes")
+        return factors, _SHAPES3D_NAMES, [len(grid) for grid in _SHAPES3D_VALUES]
     if image_name == "imgs" and classes is not None:
         factors, names = classes[()], _DSPRITES_NAMES if classes.shape[1:] == (6,) else None
+    elif image_name == "imgs" and values is not None:
+        factors = _dsprites_classes(path, "latents/values", values[()])
+        return factors, _DSPRITES_NAMES, [len(grid) for grid in _DSPRITES_VALUES]
     elif "factors" in found:
         factors, names = found["factors"][()], None
         factors = factors[:, None] if factors.ndim == 1 else factors  # a single factor
@@ -461,16 +578,90 @@ def _hdf5_factors(path, found, image_name, count):
 
 
 # ---------------------------------------------------------------------------------------------
+# writing files whole or not at all
+
+def write_atomically(path, write, nbytes=0):
+    """Write the file `path` whole or not at all; returns the real path written. write(f) fills a
+    new temporary file in the same folder (f: a binary file open for writing and reading, with
+    ordinary writes: never a memory map, whose full disk is SIGBUS), which then takes the
+    target's place (os.replace): a reader sees the old file or the new one, never a part. A
+    symbolic link given as `path` is written through to its target (the link stays). The file
+    gets the permissions the umask gives any new file (0o666 & ~umask), not tempfile's 0o600.
+    With `nbytes` > 0, a disk with less free space (shutil.disk_usage) is refused before anything
+    is written. Raises WriteError naming `path` for any OSError ("disk full writing PATH (...)"
+    for a full disk or quota); what write() raises otherwise passes through. The temporary file
+    never stays behind."""
+    target = os.path.realpath(path)
+    folder = os.path.dirname(target)
+    temporary = None
+    try:
+        free = shutil.disk_usage(folder).free
+        if nbytes > free:
+            raise OSError(errno.ENOSPC, f"needs {nbytes / 1e6:,.1f} MB, {free / 1e6:,.1f} MB free")
+        fd, temporary = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.", suffix=".tmp",
+                                         dir=folder)
+        with os.fdopen(fd, "w+b") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, target)
+        temporary = None
+    except WriteError:
+        raise
+    except OSError as error:
+        raise WriteError(_write_problem(path, error)) from error
+    finally:
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                os.remove(temporary)
+    return target
+
+
+def _write_problem(path, error):
+    """The one line saying why `path` could not be written, from the OSError met."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full writing {path} ({error.strerror})"
+    if error.errno == errno.EFBIG:
+        return f"file size limit reached writing {path} ({error.strerror}; see ulimit -f)"
+    return f"cannot write {path}: {error.strerror or error}"
+
+
+def _umask():
+    """The process's umask (os.umask reads it only by setting it: it is set back at once)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def _npy_header(shape):
+    """The bytes of an .npy header (format 1.0) for a C-order uint8 array of `shape`."""
+    header = io.BytesIO()
+    description = {"descr": "|u1", "fortran_order": False, "shape": tuple(int(s) for s in shape)}
+    np.lib.format.write_array_header_1_0(header, description)
+    return header.getvalue()
+
+
+def _write_npy(f, array):
+    """Write uint8 `array` to the file f as an .npy, with ordinary writes of 64 MB at most."""
+    flat = np.ascontiguousarray(array, np.uint8).reshape(-1)
+    f.write(_npy_header(np.shape(array)))
+    for start in range(0, len(flat), 1 << 26):
+        f.write(flat[start:start + (1 << 26)].data)
+
+
+# ---------------------------------------------------------------------------------------------
 # decoded-image caches
 
 _CACHE_FORMAT = 2  # part of every cache's name: bump it when decoding changes
 
 
-def _cache_file(path, tag, cache_dir, members):
+def _cache_file(path, tag, cache_dir, members=()):
     """Where the decoded copy of `path` lives: beside it, else in cache_dir or ~/.cache, named
     <source name>.<tag>.<hash of its real path>-<hash of its content>.npy. The content hash covers
-    _CACHE_FORMAT, `members` ((name, size, mtime_ns or CRC) of the files used) and, for an archive,
-    its own size and mtime_ns: a source changed in any of them gets a new cache file."""
+    _CACHE_FORMAT, `members` ((name, size, mtime_ns or CRC) of the files used; () for a tar, which
+    is listed only to build a cache) and, for an archive, its own size and mtime_ns: a source
+    changed in any of them gets a new cache file. Raises WriteError if cache_dir cannot be made."""
     if not os.path.isdir(path):
         stat = os.stat(path)
         members = (stat.st_size, stat.st_mtime_ns, members)
@@ -478,10 +669,26 @@ def _cache_file(path, tag, cache_dir, members):
         parent = os.path.dirname(os.path.abspath(path))
         cache_dir = parent if os.access(parent, os.W_OK) else os.path.join(
             os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "disentangle-data")
-    os.makedirs(cache_dir, exist_ok=True)
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+    except OSError as error:
+        raise WriteError(_write_problem(cache_dir, error)) from error
     source = hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:8]
     content = hashlib.sha256(repr((_CACHE_FORMAT, members)).encode()).hexdigest()[:12]
     return os.path.join(cache_dir, f"{os.path.basename(os.path.normpath(path))}.{tag}.{source}-{content}.npy")
+
+
+def _cached(cache, shape_ok, build, nbytes=0):
+    """The array of the cache file `cache`, memory-mapped read-only: the one there if it reads as
+    uint8 of a shape that shape_ok(shape) accepts, else the .npy that build(f) writes through
+    write_atomically (`nbytes`: the space it needs, checked first). Raises WriteError if it cannot
+    be written (disk full, ...), DataError if it cannot be read back."""
+    array = _read_cache(cache, shape_ok)
+    if array is None:
+        write_atomically(cache, build, nbytes)
+        with _reading(cache, "cache just written is unreadable"):
+            array = np.load(cache, mmap_mode="r", allow_pickle=False)
+    return array
 
 
 def _read_cache(cache, shape_ok):
@@ -504,27 +711,6 @@ def _read_cache(cache, shape_ok):
     return None
 
 
-def _write_cache(cache, shape, fill):
-    """fill(out) fills a memory-mapped temporary .npy and returns it, or an array to keep instead (a
-    smaller view of it); the cache appears only once complete: an interrupted decode leaves none."""
-    fd, tmp = tempfile.mkstemp(suffix=".tmp.npy", dir=os.path.dirname(cache))
-    os.close(fd)
-    try:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-        keep = fill(out)
-        keep = None if keep is out else np.ascontiguousarray(keep)
-        out.flush()
-        del out
-        if keep is not None:
-            np.save(tmp, keep)
-        os.replace(tmp, cache)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    with _reading(cache, "cache just written is unreadable"):
-        return np.load(cache, mmap_mode="r", allow_pickle=False)
-
-
 def _progress(total, what, unit="images"):
     """report(done): count, rate and ETA on stderr, in place on a terminal, else a line every ~10%."""
     start, tty, shown = time.time(), sys.stderr.isatty(), -1
@@ -542,7 +728,158 @@ def _progress(total, what, unit="images"):
 
 
 # ---------------------------------------------------------------------------------------------
-# folders, zips and tars of images (celebA and anything else)
+# folders, zips and tars of images (celebA, cars3d's .mat files and anything else)
+
+class _Contents(typing.NamedTuple):
+    """What a folder, zip or tar holds, decided once, before anything is decoded (_image_contents)."""
+    path: str
+    kind: str  # "folder", "zip", "tar" of images; "cars3d folder", "cars3d tar" of car_*_mesh.mat
+    files: list  # sorted (name in the source, size, mtime_ns or CRC) of its images or .mat files
+    hidden: int  # hidden or system entries left out (_hidden)
+    celeba: bool  # celebA's aligned images (_is_celeba)
+
+
+def _load_images(path, size=64, crop="default", cache_dir=None):
+    """A folder, zip or tar of images, decoded once (_decode_image: centre crop `crop`, resized to
+    `size`) into a cache (_cache_file), or of cars3d's .mat files (_load_cars3d). The default crop
+    is celebA's customary 148 for celebA's aligned images, recognised by their files (_is_celeba)
+    however they are given, else the centre square; the Dataset's `preprocessing` says which."""
+    size = _check_int(path, "size", size, 1, 4096)
+    crop = crop if crop in ("default", None) else _check_int(path, "crop", crop, 1, 1 << 16)
+    if not os.path.isdir(path) and not path.lower().endswith(".zip"):
+        found = _tar_cache(path, size, crop, cache_dir)  # a tar is read through only to build one
+        if found is not None:
+            return found
+    contents = _image_contents(path)
+    if contents.kind.startswith("cars3d"):
+        if size != 64 or crop != "default":
+            raise DataError(f"{path}: holds cars3d, read at 64x64; options size and crop do not apply")
+        return _load_cars3d(contents, cache_dir)
+    if not contents.files:
+        raise DataError(f"{path}: no images ({', '.join(_IMAGE_EXTS)})"
+                        + (" or cars3d car_*_mesh.mat files" if contents.kind != "zip" else "") + " found"
+                        + (f" ({contents.hidden} hidden or system entries skipped)" if contents.hidden else ""))
+    if contents.hidden:
+        print(f"{path}: skipped {contents.hidden} hidden or system entries (dot-files, ._* and __MACOSX/ "
+              "from macOS, Thumbs.db, desktop.ini)", file=sys.stderr)
+    members = () if contents.kind == "tar" else contents.files
+    cache = _cache_file(path, _image_tag(size, crop, contents.celeba), cache_dir, members)
+    count, crop = len(contents.files), _crop_used(crop, contents.celeba)
+    images = _cached(cache, lambda s: s[0] == count and _decoded_shape(s, size),
+                     lambda f: _write_decoded(f, contents, size, crop),
+                     nbytes=len(_npy_header((count, size, size, 3))) + count * size * size * 3)
+    return _images_dataset(path, images, crop, contents.celeba)
+
+
+def _image_tag(size, crop, celeba):
+    """The cache tag of images decoded at `size` with the `crop` option, and what it decided:
+    "64x64" (the default: the centre square), "64x64-celeba148" (the default on celebA),
+    "64x64-crop120" (crop=120), "64x64-nocrop" (crop=None). Other options, other tags: a tar's
+    cache is found by the options alone (_tar_cache)."""
+    if crop == "default":
+        return f"{size}x{size}" + ("-celeba148" if celeba else "")
+    return f"{size}x{size}-" + (f"crop{crop}" if crop else "nocrop")
+
+
+def _crop_used(crop, celeba):
+    """The side of the centre crop, or None for the centre square, that the `crop` option means."""
+    if crop == "default":
+        return 148 if celeba else None  # celebA's customary CenterCrop(148)
+    return crop
+
+
+def _decoded_shape(shape, size):
+    """Whether a cache's shape is that of decoded images, (N, size, size, 1 or 3)."""
+    return len(shape) == 4 and shape[1:3] == (size, size) and shape[3] in (1, 3)
+
+
+def _images_dataset(path, images, crop, celeba):
+    """The unlabelled Dataset of decoded images, saying how they were decoded."""
+    size = images.shape[1]
+    how = f"centre crop {crop}x{crop}" if crop else "centre square crop"
+    if celeba and crop == 148:
+        how = ("celebA's aligned images (recognised by their NNNNNN.jpg names and 178x218 size): "
+               "centre crop 148x148 as torchvision's CenterCrop(148)")
+    preprocessing = f"{how}, resized to {size}x{size} (bilinear)"
+    return _dataset(images, None, (), (), os.path.basename(os.path.normpath(path)), preprocessing)
+
+
+def _tar_cache(path, size, crop, cache_dir):
+    """The Dataset of a tar from a cache built earlier, or None. The tar's size and mtime and the
+    options find it: each tag the options allow is tried (_image_tag; "cars3d-64x64" with the
+    default options), so that a tar, gigabytes and often gzipped, is read through only to build."""
+    for celeba in (False, True):
+        cache = _cache_file(path, _image_tag(size, crop, celeba), cache_dir)
+        images = _read_cache(cache, lambda s: _decoded_shape(s, size))
+        if images is not None:
+            return _images_dataset(path, images, _crop_used(crop, celeba), celeba)
+    if size == 64 and crop == "default":
+        grid = _read_cache(_cache_file(path, "cars3d-64x64", cache_dir), _cars3d_shape)
+        if grid is not None:
+            return _cars3d_dataset(grid)
+    return None
+
+
+def _image_contents(path):
+    """The _Contents of a folder, .zip or .tar(.gz): cars3d's car_*_mesh.mat files (at the top of
+    a folder, anywhere in a tar) or else its images, with symbolic links followed in a folder;
+    listed and classified once (a tar is read through for it). Nothing is decoded."""
+    if os.path.isdir(path):
+        cars = sorted(name for name in os.listdir(path) if _is_car(name))
+        if cars:
+            stats = [(name, s.st_size, s.st_mtime_ns) for name in cars for s in [os.stat(os.path.join(path, name))]]
+            return _Contents(path, "cars3d folder", stats, 0, False)
+        files, hidden = _folder_files(path)
+        images = _images_among(files)
+        return _Contents(path, "folder", images, hidden,
+                         _is_celeba(images, lambda name: os.path.join(path, name)))
+    if path.lower().endswith(".zip"):
+        with _reading(path, "not a readable zip file"), zipfile.ZipFile(path) as zf:
+            files = [(i.filename, i.file_size, i.CRC) for i in zf.infolist() if not i.is_dir()]
+            images = _images_among([f for f in files if not _hidden(f[0])])
+            celeba = _is_celeba(images, lambda name: io.BytesIO(zf.read(_zip_member_ok(zf.getinfo(name), path))))
+        return _Contents(path, "zip", images, sum(_hidden(f[0]) for f in files), celeba)
+    return _tar_contents(path)
+
+
+def _tar_contents(path):
+    """The _Contents of a tar, from one pass through it (keeping the bytes of one NNNNNN.jpg
+    member, in case the images are celebA's)."""
+    files, sample = [], []
+    for member, data in _tar_files(path, lambda name: not sample and _CELEBA_NAME.fullmatch(name)):
+        files.append((member.name, member.size, member.mtime))
+        if data is not None:
+            sample.append(data)
+    hidden = sum(_hidden(f[0]) for f in files)
+    files = [f for f in files if not _hidden(f[0])]
+    cars = sorted(f for f in files if _is_car(f[0]))
+    if cars:
+        return _Contents(path, "cars3d tar", cars, hidden, False)
+    images = _images_among(files)
+    return _Contents(path, "tar", images, hidden, _is_celeba(images, lambda name: io.BytesIO(sample[0])))
+
+
+def _images_among(files):
+    """The image files among (name, size, stamp) entries, sorted by name (a name twice: the last)."""
+    return sorted({f[0]: f for f in files if f[0].lower().endswith(_IMAGE_EXTS)}.values())
+
+
+_CELEBA_NAME = re.compile(r"(?:.*/)?\d{6}\.jpg")  # celebA's image names, 000001.jpg to 202599.jpg
+
+
+def _is_celeba(images, open_one):
+    """Whether (name, size, stamp) images are celebA's aligned ones (img_align_celeba), whatever the
+    folder or archive is called or where in it they are: every name NNNNNN.jpg, and one of them
+    (open_one(name): a path or stream) 178 pixels wide and 218 high."""
+    names = [name for name, _, _ in images]
+    if not names or not all(_CELEBA_NAME.fullmatch(name) for name in names):
+        return False
+    try:
+        with Image.open(open_one(names[0])) as im:
+            return im.size == (178, 218)
+    except _FAILURES:
+        return False  # an unreadable image is named when it is decoded
+
 
 def _hidden(name):
     """Whether a '/'-separated name is, or lies in, what systems add beside images: dot-files
@@ -552,91 +889,73 @@ def _hidden(name):
 
 
 def _folder_files(folder):
-    """(name under the top folder, size, mtime_ns) of every file, sub-folders included (not through
-    symbolic links), and the number of hidden entries skipped (a hidden folder counts once)."""
-    files, hidden, pending = [], 0, [("", folder)]
-    while pending:
-        prefix, where = pending.pop()
-        with os.scandir(where) as entries:
-            for entry in entries:
-                if _hidden(entry.name):
-                    hidden += 1
-                elif entry.is_dir(follow_symlinks=False):
-                    pending.append((prefix + entry.name + "/", entry.path))
-                elif entry.is_file():
-                    stat = entry.stat()
-                    files.append((prefix + entry.name, stat.st_size, stat.st_mtime_ns))
+    """(name under the top folder, size, mtime_ns) of every file, sub-folders included, also
+    through symbolic links as torchvision's ImageFolder (os.walk(followlinks=True)), each real
+    folder once, so that a link loop ends; and the number of hidden entries skipped (a hidden
+    folder counts once, and is not entered)."""
+    files, hidden, visited = [], 0, set()
+    for where, folders, names in os.walk(folder, followlinks=True):
+        real = os.path.realpath(where)
+        if real in visited:  # reached again through a link: a loop, or a second link to it
+            folders.clear()
+            continue
+        visited.add(real)
+        hidden += sum(map(_hidden, folders + names))
+        folders[:] = sorted(name for name in folders if not _hidden(name))  # walked in name order
+        prefix = os.path.relpath(where, folder).replace(os.sep, "/")
+        for name in names:
+            with contextlib.suppress(OSError):  # a broken link: not a file
+                stat = os.stat(os.path.join(where, name))
+                if not _hidden(name) and os.path.isfile(os.path.join(where, name)):
+                    files.append((("" if prefix == "." else prefix + "/") + name, stat.st_size, stat.st_mtime_ns))
     return files, hidden
 
 
-def _image_files(path, kind):
-    """The images of a folder, zip or tar as sorted (name, size, mtime_ns or CRC), the number of
-    hidden entries left out, and whether cars3d car_*_mesh.mat files are there too (for tars)."""
-    if kind == "zip":
-        with _reading(path, "not a readable zip file"), zipfile.ZipFile(path) as zf:
-            files = [(i.filename, i.file_size, i.CRC) for i in zf.infolist() if not i.is_dir()]
-    elif kind == "tar":
-        files = [(m.name, m.size, m.mtime) for m, _ in _tar_files(path)]
-    if kind == "folder":  # a hidden folder is not entered: it counts once
-        files, hidden = _folder_files(path)
-    else:
-        files, hidden = [f for f in files if not _hidden(f[0])], sum(_hidden(f[0]) for f in files)
-    cars = any(_is_car(f[0]) for f in files)
-    images = {f[0]: f for f in files if f[0].lower().endswith(_IMAGE_EXTS)}  # a name repeated: the last
-    return sorted(images.values()), hidden, cars
-
-
-def _load_images(path, size=64, crop="default", cache_dir=None):
-    """A folder, zip or tar of images, decoded (_decode_image) once into a cache (_cache_file); a tar
-    of cars3d's .mat files is cars3d."""
-    kind = "folder" if os.path.isdir(path) else "zip" if path.lower().endswith(".zip") else "tar"
-    size = _check_int(path, "size", size, 1, 4096)
-    if crop == "default":  # celebA's customary CenterCrop(148)
-        crop = 148 if os.path.basename(os.path.normpath(path)).startswith("img_align_celeba") else None
-    crop = None if crop is None else _check_int(path, "crop", crop, 1, 1 << 16)
-    tag = f"{size}x{size}" + (f"-crop{crop}" if crop else "")
-    # a tar is listed (read through) only when there is no cache: its own size and mtime identify it
-    files, hidden, _ = (None, 0, False) if kind == "tar" else _image_files(path, kind)
-    cache = _cache_file(path, tag, cache_dir, files)
-    images = None if files == [] else _read_cache(cache, lambda s: len(s) == 4 and s[1:3] == (
-        size, size) and s[3] in (1, 3) and (files is None or s[0] == len(files)))
-    if images is None and kind == "tar":  # cars3d's tar, or a tar of images?
-        cars = os.path.exists(_cache_file(path, "cars3d-64x64", cache_dir, None))
-        files, hidden, cars = (None, 0, True) if cars else _image_files(path, kind)
-        if cars and tag != "64x64":
-            raise DataError(f"{path}: holds cars3d, read at 64x64; options size and crop do not apply")
-        if cars:
-            return _load_cars3d(path, cache_dir)
-    if images is None:
-        if not files:
-            raise DataError(f"{path}: no images ({', '.join(_IMAGE_EXTS)})"
-                            + (" or cars3d car_*_mesh.mat files" if kind != "zip" else "") + " found"
-                            + (f" ({hidden} hidden or system entries skipped)" if hidden else ""))
-        if hidden:
-            print(f"{path}: skipped {hidden} hidden or system entries (dot-files, ._* and __MACOSX/ "
-                  "from macOS, Thumbs.db, desktop.ini)", file=sys.stderr)
-        images = _write_cache(cache, (len(files), size, size, 3),
-                              lambda out: _decode_all(path, kind, [f[0] for f in files], size, crop, out))
-    return _dataset(images, None, (), (), os.path.basename(os.path.normpath(path)))
-
-
-def _decode_all(path, kind, names, size, crop, out):
-    """Decode every image into out (N, size, size, 3), rows in name order; out[..., :1] if all
-    are gray (one gray among colour images is repeated in the three channels)."""
-    progress, gray = _progress(len(names), path), np.zeros(len(names), bool)
-    for done, (i, where, source) in enumerate(_image_sources(path, kind, names), 1):
+def _write_decoded(f, contents, size, crop):
+    """Decode every image of `contents` (_decode_image) into the file f as an .npy (N, size, size,
+    3), rows in name order, each written where it belongs as it is decoded (a tar's come in
+    archive order); rewritten as (N, size, size, 1) if every image is gray (one gray image among
+    colour ones is repeated in the three channels)."""
+    names = [name for name, _, _ in contents.files]
+    header = _npy_header((len(names), size, size, 3))
+    row_bytes = size * size * 3
+    gray = np.zeros(len(names), bool)
+    progress = _progress(len(names), contents.path)
+    f.write(header)
+    for done, (i, where, source) in enumerate(_image_streams(contents, names), 1):
         with _reading(where, "unreadable image"):
             pixels, gray[i] = _decode_image(source, size, crop, where)
-        out[i] = pixels[..., None] if gray[i] else pixels
+        f.seek(len(header) + i * row_bytes)
+        f.write(np.broadcast_to(pixels.reshape(size, size, -1), (size, size, 3)).tobytes())
         progress(done)
-    return out[..., :1] if gray.all() else out
+    if gray.all():
+        _keep_first_channel(f, len(names), size, len(header))
 
 
-def _image_sources(path, kind, names):
+def _keep_first_channel(f, count, size, start):
+    """Rewrite the .npy in f, (count, size, size, 3) from offset `start` with three equal channels,
+    as (count, size, size, 1), in place: blocks of rows move to lower offsets (the new header is
+    no longer), never over rows still to be read."""
+    header = _npy_header((count, size, size, 1))
+    pixels = size * size
+    block = max(1, (1 << 24) // (3 * pixels))
+    for first in range(0, count, block):
+        rows = min(block, count - first)
+        f.seek(start + first * 3 * pixels)
+        colour = np.frombuffer(f.read(rows * 3 * pixels), np.uint8)
+        f.seek(len(header) + first * pixels)
+        f.write(colour[::3].tobytes())
+    f.seek(0)
+    f.write(header)
+    f.truncate(len(header) + count * pixels)
+
+
+def _image_streams(contents, names):
     """(row, name for messages, file name or stream) of each image, in the order the source reads best."""
-    if kind == "folder":
+    path = contents.path
+    if contents.kind == "folder":
         yield from ((i, os.path.join(path, n), os.path.join(path, n)) for i, n in enumerate(names))
-    elif kind == "zip":
+    elif contents.kind == "zip":
         with _reading(path, "not a readable zip file"), zipfile.ZipFile(path) as zf:
             for i, name in enumerate(names):
                 with _reading(f"{path}:{name}", "unreadable image"):  # zf.read() checks the CRC
@@ -818,14 +1137,16 @@ def _is_car(name):
     return fnmatch.fnmatch(os.path.basename(name), "car_*_mesh.mat") and not _hidden(name)
 
 
-def _car_grid(path, in_tar, files):
-    """(elevation, azimuth, object, 64, 64, 3), objects in file-name order; the .mat files of a
-    tar are read in memory, not extracted."""
-    progress = _progress(len(files), path, "files") if files else lambda done: None
-    cars = ((n, read_mat(os.path.join(path, n), "im")) for n in files)
-    if in_tar:
-        cars = ((os.path.basename(member.name), read_mat(data, "im", f"{path}:{member.name}"))
+def _car_grid(contents):
+    """(elevation, azimuth, object, 64, 64, 3) of cars3d's .mat files in `contents`, objects in
+    file-name order; the .mat files of a tar are read in memory, not extracted."""
+    path, names = contents.path, [name for name, _, _ in contents.files]
+    progress = _progress(len(names), path, "files")
+    if contents.kind == "cars3d tar":
+        cars = ((member.name, read_mat(data, "im", f"{path}:{member.name}"))
                 for member, data in _tar_files(path, _is_car) if data is not None)
+    else:
+        cars = ((name, read_mat(os.path.join(path, name), "im")) for name in names)
     views = {}
     for name, im in cars:
         views[name] = _car_views(im, f"{path}:{name}")
@@ -835,19 +1156,29 @@ def _car_grid(path, in_tar, files):
     return np.stack([views[name] for name in sorted(views)], axis=2)
 
 
-def _load_cars3d(path, cache_dir=None):
-    in_tar = not os.path.isdir(path)
-    files = [] if in_tar else sorted(n for n in os.listdir(path) if _is_car(n))
-    stats = None if in_tar else [(n, s.st_size, s.st_mtime_ns) for n in files
-                                 for s in [os.stat(os.path.join(path, n))]]
-    cache = _cache_file(path, "cars3d-64x64", cache_dir, stats)
-    grid = _read_cache(cache, lambda s: len(s) == 6 and s[3:] == (64, 64, 3) and (in_tar or s[2] == len(files)))
-    if grid is None:
-        views = _car_grid(path, in_tar, files)
-        grid = _write_cache(cache, views.shape, lambda out: views)
+def _load_cars3d(contents, cache_dir=None):
+    """cars3d (Reed et al. 2015) from the car_*_mesh.mat files of a folder or tar (_Contents),
+    decided by _image_contents: every view resized to 64x64 (_car_views), decoded once into a
+    cache; factors elevation, azimuth, object."""
+    members = contents.files if contents.kind == "cars3d folder" else ()
+    cache = _cache_file(contents.path, "cars3d-64x64", cache_dir, members)
+    count = len(contents.files)
+    grid = _cached(cache, lambda s: _cars3d_shape(s) and s[2] == count,
+                   lambda f: _write_npy(f, _car_grid(contents)))
+    return _cars3d_dataset(grid)
+
+
+def _cars3d_shape(shape):
+    """Whether a cache's shape is cars3d's, (elevation, azimuth, object, 64, 64, 3)."""
+    return len(shape) == 6 and shape[3:] == (64, 64, 3)
+
+
+def _cars3d_dataset(grid):
+    """The Dataset of a cars3d grid (elevation, azimuth, object, 64, 64, 3), rows in C order."""
     sizes = grid.shape[:3]
     return _dataset(grid.reshape(-1, 64, 64, 3), _grid_factors(sizes),
-                    ["elevation", "azimuth", "object"], sizes, "cars3d")
+                    ["elevation", "azimuth", "object"], sizes, "cars3d",
+                    "cars3d: each view resized to 64x64 (LANCZOS)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1010,91 +1341,6 @@ def _load_faces(path):
     return _dataset(flat, factors, names, grid, os.path.basename(path))
 
 
-# ============================================================================= pairs (weak supervision)
-
-class PairSampler:
-    """Pairs of rows whose factors differ in exactly k factors (Locatello et al. 2020's weak supervision).
-
-    factors (N, K) int64 class indices with factor_sizes (K,), as a Dataset holds them: a full grid
-    (the built-ins, dSprites, 3dshapes, cars3d, 3D faces) or any table (a --limit subset, your own
-    factors, with combinations missing or repeated). Rows are found by their factor tuple, read as
-    one mixed-radix number, sorted once here (O(N log N) time, two int64 arrays of N); draws are
-    row indices, no image is read or copied. k in 1..K'-1 is how many factors differ, K' the
-    factors with more than one value; k = 0 draws it uniformly from 1..K'-1 for each pair, the
-    paper's "k = rnd". (disentanglement_lib's pairs change 1 or k factors, a coin flip, to values
-    drawn from all of theirs, the old one included; ours differ in exactly k, as the paper says.)
-    Raises DataError, one line starting with `where`, for unlabelled data (factors None), factors
-    outside their sizes, fewer than 2 varying factors, or k out of range.
-    """
-
-    MAX_TRIES = 100
-
-    def __init__(self, factors, factor_sizes, k=1, where="dataset"):
-        if factors is None:
-            raise DataError(f"{where}: has no factors (unlabelled); pairs that share factors need them")
-        factors = np.asarray(factors)
-        self.sizes = np.asarray(factor_sizes, dtype=np.int64)
-        if factors.ndim != 2 or factors.shape[1] != len(self.sizes) or len(factors) == 0:
-            raise DataError(f"{where}: factors of shape {factors.shape} for {len(self.sizes)} factor sizes")
-        if (factors < 0).any() or (factors >= self.sizes).any():
-            raise DataError(f"{where}: factor values outside 0..factor_sizes - 1")
-        self.varying = self.sizes > 1
-        count = int(self.varying.sum())
-        if count < 2:
-            raise DataError(f"{where}: pairs need at least 2 factors that vary, it has {count}")
-        if not 0 <= k < count:
-            raise DataError(f"{where}: k must be 0 (random) or 1..{count - 1} for its {count} "
-                            f"varying factors, got {k}")
-        self.k, self.where = k, where
-        self.factors = factors.astype(np.int64, copy=False)
-        self.strides = np.ones(len(self.sizes), dtype=np.int64)
-        cells = 1
-        for i in reversed(range(len(self.sizes))):  # C order: a full grid's key is its row
-            self.strides[i], cells = cells, cells * int(self.sizes[i])
-        if cells > 2 ** 62:
-            raise DataError(f"{where}: {cells} factor combinations are too many to index")
-        keys = self.factors @ self.strides
-        self.order = np.argsort(keys, kind="stable")
-        self.sorted_keys = keys[self.order]
-
-    def draw(self, count, rng):
-        """(first, second), each (count,) int64 row indices; deterministic given rng.
-
-        first is uniform over the rows; second's factors differ from first's in exactly k of them,
-        chosen uniformly, each taking one of its other values uniformly (a row among equals
-        uniformly). Where a table lacks that row, the factors and values are drawn again, and
-        after MAX_TRIES // 2 tries the first row too. rng: a numpy Generator, whose state is all
-        a resumed run needs to draw the same pairs. Raises DataError if a pair is still missing
-        after MAX_TRIES tries (a table too sparse for this k).
-        """
-        first = rng.integers(len(self.factors), size=count)
-        ks = rng.integers(1, int(self.varying.sum()), size=count) if self.k == 0 else np.full(count, self.k)
-        second = np.full(count, -1)
-        for attempt in range(self.MAX_TRIES):
-            missing = np.flatnonzero(second < 0)
-            if len(missing) == 0:
-                return first, second
-            if attempt >= self.MAX_TRIES // 2:
-                first[missing] = rng.integers(len(self.factors), size=len(missing))
-            second[missing] = self._partners(first[missing], ks[missing], rng)
-        raise DataError(f"{self.where}: no row differs from row {first[second < 0][0]} in exactly "
-                        f"{ks[second < 0][0]} factors after {self.MAX_TRIES} tries: the factor "
-                        "table is too sparse for pairs with this k")
-
-    def _partners(self, rows, ks, rng):
-        """For each row, a row differing in ks factors drawn once at random, or -1 if none has them."""
-        values = self.factors[rows]
-        scores = np.where(self.varying, rng.random(values.shape), np.inf)
-        ranks = np.argsort(np.argsort(scores, axis=1), axis=1)
-        changed = ranks < ks[:, None]  # ks distinct varying factors per row
-        offsets = rng.integers(1, np.maximum(self.sizes, 2), size=values.shape)
-        wanted = np.where(changed, (values + offsets) % self.sizes, values) @ self.strides
-        start = np.searchsorted(self.sorted_keys, wanted, "left")
-        end = np.searchsorted(self.sorted_keys, wanted, "right")
-        pick = start + (rng.random(len(rows)) * (end - start)).astype(np.int64)
-        return np.where(end > start, self.order[np.minimum(pick, len(self.order) - 1)], -1)
-
-
 # ---------------------------------------------------------------------------------------------
 # raw formats (fileformats.py beside this file): MPI3D's .npz, SmallNORB's binary matrices
 
@@ -1243,10 +1489,9 @@ def _load_norb(path, cache_dir=None):
         stats = sorted((os.path.basename(p), s.st_size, s.st_mtime_ns)
                        for p in files.values() for s in [os.stat(p)])
         cache = _cache_file(folder, "smallnorb-64x64", cache_dir, stats)
-        images = _read_cache(cache, lambda s: s == (len(factors), 64, 64, 1))
-        if images is None:
-            images = _write_cache(cache, (len(factors), 64, 64, 1),
-                                  lambda out: _norb_images(files, formats, out))
+        shape = (len(factors), 64, 64, 1)
+        images = _cached(cache, lambda s: s == shape,
+                         lambda f: _write_npy(f, _norb_images(files, formats, np.empty(shape, np.uint8))))
     return _dataset(images, factors, _NORB_NAMES, _NORB_SIZES, "smallnorb")
 
 
@@ -1329,15 +1574,14 @@ def _load_chairs(path, cache_dir=None):
     cache = _cache_file(path, "chairs-64x64-gray", cache_dir, listing)
     names = [m.name for m, _ in _tar_files(path)] if in_tar else [f[0] for f in listing]
     rows, sizes = _chair_grid(path, names)
-    images = _read_cache(cache, lambda s: s == (len(rows), 64, 64, 1))
-    if images is None:
-        def fill(out):
-            progress = _progress(len(rows), path)
-            for done, (i, where, source) in enumerate(_chair_sources(path, rows), 1):
-                out[i, :, :, 0] = _chair_image(source, where)
-                progress(done)
-            return out
-        images = _write_cache(cache, (len(rows), 64, 64, 1), fill)
+    def fill(out):
+        progress = _progress(len(rows), path)
+        for done, (i, where, source) in enumerate(_chair_sources(path, rows), 1):
+            out[i, :, :, 0] = _chair_image(source, where)
+            progress(done)
+        return out
+    shape = (len(rows), 64, 64, 1)
+    images = _cached(cache, lambda s: s == shape, lambda f: _write_npy(f, fill(np.empty(shape, np.uint8))))
     return _dataset(images, _grid_factors(sizes), ["chair", "azimuth", "elevation"], sizes, "chairs3d")
 
 
