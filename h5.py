@@ -9,11 +9,13 @@ no libhdf5), so this file can be copied alone into any project.
 
 It reads what h5py and libhdf5 (1.8 to 2.0) write: superblock versions 0 to 3, object header
 versions 1 and 2, old-style (symbol table) and new-style (link messages, dense links) groups,
-compact, contiguous and chunked datasets with every chunk index, the deflate (gzip), shuffle and
-fletcher32 filters, fill values; integers, floats, fixed-length strings and enumerations (as their
-base integer; h5py's FALSE/TRUE one for numpy bool as bool). Anything else (lzf, szip, blosc and
-other filters; compound, variable-length and reference types; soft and external links; virtual
-datasets; shared header messages) is refused with an H5Error saying what it is.
+hard and soft links (followed, in either kind of group), compact, contiguous and chunked
+datasets with every chunk index, the deflate (gzip), shuffle and fletcher32 filters, fill values;
+integers, floats, fixed-length strings and enumerations (as their base integer; h5py's FALSE/TRUE
+one for numpy bool as bool). Anything else (lzf, szip, blosc and other filters; compound,
+variable-length and reference types; external and user-defined links; data kept in external
+files; virtual datasets; shared header messages) is refused with an H5Error naming the object and
+saying what it is: data that was not read is never returned as zeros.
 
 Every reader below names the part of the HDF5 File Format Specification, Version 3.0, that it
 follows (https://support.hdfgroup.org/documentation/hdf5/latest/_f_m_t3.html). Every field is
@@ -36,6 +38,7 @@ MAX_NODES = 1 << 20  # most B-tree nodes, heap blocks or header chunks walked fo
 # object header message types (IV.A.2), and the flag of a message whose body is stored elsewhere
 DATASPACE_MESSAGE, LINK_INFO_MESSAGE, DATATYPE_MESSAGE, OLD_FILL_VALUE_MESSAGE = 0x01, 0x02, 0x03, 0x04
 FILL_VALUE_MESSAGE, LINK_MESSAGE, LAYOUT_MESSAGE, FILTER_PIPELINE_MESSAGE = 0x05, 0x06, 0x08, 0x0B
+EXTERNAL_FILES_MESSAGE = 0x07
 CONTINUATION_MESSAGE, SYMBOL_TABLE_MESSAGE, SHARED_MESSAGE_FLAG = 0x10, 0x11, 0x02
 
 # datatype classes (IV.A.2.d)
@@ -53,9 +56,12 @@ DEFLATE, SHUFFLE, FLETCHER32 = 1, 2, 3
 FILTERS = {1: "deflate", 2: "shuffle", 3: "fletcher32", 4: "szip", 5: "nbit", 6: "scaleoffset", 307: "bzip2",
            32000: "lzf", 32001: "blosc", 32004: "lz4", 32008: "bitshuffle", 32013: "zfp", 32015: "zstd"}
 
-# link types (IV.A.2.g), B-tree node and record types (III.A.1, III.A.2), fractal heap IDs (III.G)
-HARD_LINK = 0
-LINK_TYPES = {1: "soft", 64: "external"}
+# link types (IV.A.2.g; an old-style group's soft link is a symbol table entry of cache type 2,
+# III.C), the longest chain of soft links followed, B-tree node and record types (III.A.1,
+# III.A.2), fractal heap IDs (III.G)
+HARD_LINK, SOFT_LINK, EXTERNAL_LINK = 0, 1, 64
+SOFT_LINK_CACHE_TYPE = 2
+MAX_SOFT_LINKS = 32
 GROUP_NODE, CHUNK_NODE = 0, 1
 LINK_NAME_RECORD, FILTERED_CHUNK_RECORD = 5, 11
 MANAGED_OBJECT = 0
@@ -131,6 +137,14 @@ def _bytes_for(count):
     return max(1, (count.bit_length() + 7) // 8)
 
 
+class _SoftLink(str):
+    """The path a soft link names (from the root if it starts with "/", else from its group)."""
+
+
+class _OtherLink(str):
+    """What a link this reader does not follow is ("an external link to FILE:/PATH", ...)."""
+
+
 class H5Group:
     """A group: `g.keys()`, `name in g`, `g["a/b"]` (a path below the group, or from the root
     when it starts with "/"), `g.datasets()`. A missing name raises KeyError."""
@@ -167,8 +181,9 @@ class H5Group:
         return node
 
     def datasets(self):
-        """{path below this group ("group/name"): H5Dataset} of every dataset reached by hard links,
-        leaving out links and objects of kinds this reader does not read (opening one says which)."""
+        """{path below this group ("group/name"): H5Dataset} of every dataset reached by hard or
+        soft links (each group walked once), leaving out links and objects of kinds this reader does
+        not read (opening one says which)."""
         found, pending, walked = {}, [("", self)], {self}
         while pending:
             prefix, group = pending.pop()
@@ -184,15 +199,31 @@ class H5Group:
     def _member(self, name, skip_unsupported=False):
         """The object the link `name` leads to; for a link or object of a kind this reader does
         not read, None with skip_unsupported, else an H5Error saying what it is."""
-        target, path = self._links[name], f"{self.name.rstrip('/')}/{name}"
+        path = f"{self.name.rstrip('/')}/{name}"
         with _reporting(self.file.path, f"object {path.lstrip('/')!r}"):
             try:
-                if isinstance(target, str):
-                    raise _Unsupported(f"{target} links are not supported")
-                return self.file._object(target, path)
+                return self._target(name, 0)
             except _Unsupported:
                 if not skip_unsupported:
                     raise
+
+    def _target(self, name, hops):
+        """The object the link `name` leads to, soft links followed (`hops`: those followed so
+        far, to end a loop); _Unsupported for other links, a dangling soft link or a loop."""
+        target = self._links[name]
+        if isinstance(target, _OtherLink):
+            raise _Unsupported(f"is {target}, which this reader does not follow")
+        if not isinstance(target, _SoftLink):
+            return self.file._object(target, f"{self.name.rstrip('/')}/{name}")
+        if hops >= MAX_SOFT_LINKS:
+            raise _Unsupported(f"is a soft link to {target!r} through more than {MAX_SOFT_LINKS} "
+                               "soft links (a loop?)")
+        node = self.file if target.startswith("/") else self
+        for part in [part for part in target.split("/") if part not in ("", ".")]:
+            if not isinstance(node, H5Group) or part not in node._links:
+                raise _Unsupported(f"is a soft link to {target!r}, which does not exist")
+            node = node._target(part, hops + 1)
+        return node
 
 
 class H5File(H5Group):
@@ -338,8 +369,7 @@ class H5File(H5Group):
 
     # -- groups ---------------------------------------------------------------------------------
     def _group_links(self, messages):
-        """{name: object header address, or the kind of a link this reader does not follow} of a
-        group, old style (a symbol table) or new style (link messages, or dense link storage)."""
+        """{name: object header address, _SoftLink or _OtherLink} of a group, old style (a symbol table) or new style (link messages, or dense link storage)."""
         readers = {SYMBOL_TABLE_MESSAGE: self._symbol_table, LINK_MESSAGE: lambda body: [self._link(body)],
                    LINK_INFO_MESSAGE: self._dense_links}
         links = {}
@@ -363,8 +393,13 @@ class H5File(H5Group):
             cursor = self._cursor(self._read(node + 8, count * entry_size))
             for _ in range(count):
                 name_offset, header = cursor.length(), cursor.address()
-                cursor.bytes(24)  # cache type, reserved, scratch-pad
-                links[self._cursor(names, min(name_offset, len(names))).name()] = header
+                cache_type = cursor.integer(4)
+                cursor.bytes(4)  # reserved
+                scratch = self._cursor(cursor.bytes(16))  # a soft link: where its value is in the heap
+                name = self._cursor(names, min(name_offset, len(names))).name()
+                links[name] = header
+                if cache_type == SOFT_LINK_CACHE_TYPE:
+                    links[name] = _SoftLink(self._cursor(names, min(scratch.integer(4), len(names))).name())
         return links
 
     def _local_heap(self, address):
@@ -375,7 +410,8 @@ class H5File(H5Group):
         return self._read(cursor.address(), size)
 
     def _link(self, body):
-        """(name, target) from IV.A.2.g "The Link Message"."""
+        """(name, target) from IV.A.2.g "The Link Message": an object header address (a hard
+        link), a _SoftLink, or an _OtherLink saying what an external or user-defined link is."""
         cursor = self._cursor(body)
         if cursor.integer(1) != 1:
             raise _Unreadable("a link message has an unknown version")
@@ -383,7 +419,16 @@ class H5File(H5Group):
         kind = cursor.integer(1) if flags & 0x08 else HARD_LINK
         cursor.bytes((8 if flags & 0x04 else 0) + (1 if flags & 0x10 else 0))  # creation order, character set
         name = cursor.bytes(cursor.integer(1 << (flags & 3))).decode("utf-8", "replace")
-        return name, cursor.address() if kind == HARD_LINK else LINK_TYPES.get(kind, f"type-{kind}")
+        if kind == HARD_LINK:
+            return name, cursor.address()
+        value = cursor.bytes(cursor.integer(2))
+        if kind == SOFT_LINK:
+            return name, _SoftLink(value.decode("utf-8", "replace"))
+        if kind == EXTERNAL_LINK:  # version and flags, then the file's name and the object's path
+            file_name, _, path = value[1:].rstrip(b"\0").partition(b"\0")
+            return name, _OtherLink(f"an external link to {file_name.decode('utf-8', 'replace')}:"
+                                    f"{path.decode('utf-8', 'replace')}")
+        return name, _OtherLink(f"a user-defined link (type {kind})")
 
     def _dense_links(self, body):
         """Links kept in a fractal heap and indexed by name in a v2 B-tree, as IV.A.2.c "The Link
@@ -583,6 +628,7 @@ class H5Dataset:
         self._fill = self._fill_value(first.get(FILL_VALUE_MESSAGE), first.get(OLD_FILL_VALUE_MESSAGE))
         self._filters = self._filter_pipeline(first.get(FILTER_PIPELINE_MESSAGE))
         self._layout(first[LAYOUT_MESSAGE])
+        self._external = EXTERNAL_FILES_MESSAGE in first  # IV.A.2.h: its data is in other files
         self._chunk_table, self._recent_chunks = None, {}
 
     def __len__(self):
@@ -753,6 +799,9 @@ class H5Dataset:
     def _read(self, selection):
         if self.file._file.closed:
             raise _Unreadable("the file is closed")
+        if self._external:
+            raise _Unsupported("keeps its data in external files (IV.A.2.h, an External Data Files "
+                               "message), which this reader does not read")
         for number, _ in self._filters:
             if number not in (DEFLATE, SHUFFLE, FLETCHER32):
                 name = FILTERS.get(number, "unknown")
