@@ -1387,8 +1387,9 @@ def _is_mpi3d(path):
 
 
 def _load_mpi3d(path):
-    """MPI3D (Gondal et al. 2019): `images` (N, H, W, 3) uint8, memory-mapped when the member is
-    stored (np.savez, as published) and read otherwise; factors from the row: N = 1,036,800 is
+    """MPI3D (Gondal et al. 2019): `images` (N, H, W, 3) uint8, left in the file when the member
+    is stored (np.savez, as published: fileformats.StoredRows reads the rows drawn, never the
+    whole array) and read otherwise; factors from the row: N = 1,036,800 is
     the 6x6x2x3x3x40x40 grid of mpi3d_toy/realistic/real, N = 460,800 the 4x4x2x3x3x40x40 grid of
     real3d_complicated_shapes_ordered (rr-learning/disentanglement_dataset's README:
     array.reshape([6,6,2,3,3,40,40,64,64,3])). An .npz of another count or kind that is not named
@@ -1405,7 +1406,7 @@ def _load_mpi3d(path):
             raise DataError(f"{path}: holds {', '.join(f'{k} {v[1]} {v[0]}' for k, v in members.items())}; "
                             "MPI3D's files hold one array, images, uint8 of 1,036,800 (toy, realistic, "
                             "real) or 460,800 (complex shapes) rows of (64, 64, 3)")
-        images = formats.npz_array(path, "images")
+        images = formats.npz_rows(path, "images")  # rows read when drawn: memory holds only those
     return _dataset(images, _grid_factors(grid), _MPI3D_NAMES, grid, os.path.basename(path))
 
 
@@ -1610,8 +1611,9 @@ class DrawnImages:
         else:
             index = np.arange(len(self))[rows]  # checks bounds, allows negatives and masks
         batch = self.draw(self.stored[np.atleast_1d(index)], np.atleast_1d(index))
-        batch = batch[0] if np.ndim(index) == 0 else batch
-        return batch[rest] if rest else batch
+        if np.ndim(index) == 0:
+            return batch[0][rest] if rest else batch[0]
+        return batch[(slice(None),) + rest] if rest else batch
 
     def __array__(self, dtype=None, copy=None):
         out = np.concatenate([self[start:start + 4096] for start in range(0, len(self), 4096)])

@@ -61,6 +61,24 @@ def test_npz_refuses_objects_missing_members_and_truncation(tmp_path):
         fileformats.npz_members(tmp_path / "no.npz")
 
 
+def test_npz_rows_reads_only_the_rows_asked_for(tmp_path):
+    path = tmp_path / "r.npz"
+    images = np.random.default_rng(0).integers(0, 256, (50, 3, 3, 2), dtype=np.uint8)
+    np.savez(path, images=images, fortran=np.asfortranarray(images[:, :, :, 0]))
+    rows = fileformats.npz_rows(path, "images")
+    assert isinstance(rows, fileformats.StoredRows)
+    assert rows.shape == images.shape and rows.dtype == np.uint8 and len(rows) == 50
+    assert rows.nbytes == images.nbytes and rows.ndim == 4
+    for key in [7, -1, slice(3, 9), slice(None, None, 4), np.array([4, 5, 6, 20, 2, 3]),
+                np.arange(50) % 3 == 0, (np.array([1, 2]), slice(None), 1), (4, 2)]:
+        np.testing.assert_array_equal(rows[key], images[key])
+    np.testing.assert_array_equal(np.asarray(rows), images)
+    with pytest.raises(IndexError):
+        rows[50]
+    fortran = fileformats.npz_rows(path, "fortran")  # not C order: read in full
+    assert isinstance(fortran, np.ndarray) and np.array_equal(fortran, images[:, :, :, 0])
+
+
 # ---------------------------------------------------------------------------------------------
 # NORB binary matrices, written here from the format's description (small NORB's page)
 
