@@ -22,6 +22,7 @@ A factor with a single value raises ValueError naming it (data.py drops constant
 get here). Where a metric draws samples, it draws rows of the given data (no new images are
 rendered) with numpy's default_rng(seed): the same seed gives the same numbers.
 """
+import itertools
 import math
 
 import numpy as np
@@ -47,6 +48,7 @@ def _check_finite(name, array):
 def _relabel(column):
     """Map arbitrary labels to 0..V-1; returns (labels, V)."""
     if np.issubdtype(column.dtype, np.integer) and column.min() >= 0 and column.max() < 4 * len(column):
+        column = column.astype(np.int64)  # any integer dtype (uint64 does not index)
         present = np.bincount(column) > 0  # O(N), no sort: the usual case of class indices
         if present.all():
             return column, len(present)
@@ -59,6 +61,12 @@ def _relabel(column):
 def _prepare_factors(factors, n):
     """Labels 0..V-1 per factor, their sizes and empirical entropies (nats)."""
     factors = _check_rows("factors", factors, n)
+    if factors.shape[1] == 0:
+        raise ValueError(f"factors has shape {factors.shape}: no factor varies, so the data is unlabelled "
+                         "and only the label-free metrics apply (pass factors=None)")
+    if not (np.issubdtype(factors.dtype, np.integer) or np.issubdtype(factors.dtype, np.bool_)):
+        if not np.all(np.isfinite(factors)):
+            raise ValueError("factors contains non-finite values (nan or inf)")
     labels, sizes, entropy = [], [], []
     for k in range(factors.shape[1]):
         lab, size = _relabel(factors[:, k])
@@ -293,7 +301,6 @@ def gaussian_mig(mu, logvar, factors, seed=0, method="grid", samples=10000,
 
 TRAIN_POINTS, TEST_POINTS = 10_000, 5_000
 COLLAPSED_STD = 0.05  # FactorVAE score: codes of smaller standard deviation are dropped (disentanglement_lib)
-HESSIAN_ROWS = 1_000  # logistic regression: rows that the Newton steps' Hessian is estimated on
 
 
 def _labelled(codes, factors):
@@ -361,56 +368,68 @@ def _softmax(logits):
     return p / p.sum(1, keepdims=True)
 
 
-def _softmax_hessian(x, p, penalty):
-    """Hessian of the mean cross-entropy + penalty / 2 ||W||^2, over W's entries in (class, feature) order."""
-    m, d = x.shape
-    c = p.shape[1]
-    a = (p[:, :, None] * x[:, None, :]).reshape(m, c * d).astype(np.float32)  # only steers the steps
-    h = -(a.T @ a).astype(np.float64)
-    classes = np.arange(c)
-    h.reshape(c, d, c, d)[classes, :, classes, :] += (a.T @ x.astype(np.float32)).reshape(c, d, d)
-    h /= m
-    h[np.diag_indices(c * d)] += penalty
-    return h
+def _lbfgs(objective, w, iterations, memory=10, tolerance=1e-6):
+    """Minimise a smooth convex objective(w) -> (value, gradient, extra) by L-BFGS with a
+    backtracking (Armijo) line search; stops when the largest gradient entry is below `tolerance`
+    or no step lowers the value. Returns the last (w, value, gradient, extra)."""
+    value, grad, extra = objective(w)
+    steps, changes = [], []
+    for _ in range(iterations):
+        if np.max(np.abs(grad)) < tolerance:
+            break
+        direction = -grad
+        alphas = []
+        for s, y in reversed(list(zip(steps, changes))):  # the two-loop recursion
+            alpha = np.sum(s * direction) / np.sum(s * y)
+            direction -= alpha * y
+            alphas.append(alpha)
+        if steps:
+            s, y = steps[-1], changes[-1]
+            direction *= np.sum(s * y) / np.sum(y * y)
+        else:
+            direction /= max(1.0, np.sqrt(np.sum(grad * grad)))
+        for (s, y), alpha in zip(zip(steps, changes), reversed(alphas)):
+            direction += s * (alpha - np.sum(y * direction) / np.sum(s * y))
+        slope = np.sum(grad * direction)
+        for t in 0.5 ** np.arange(40):
+            new_value, new_grad, new_extra = objective(w + t * direction)
+            if new_value <= value + 1e-4 * t * slope:
+                break
+        else:
+            break  # no further progress in double precision
+        s, y = t * direction, new_grad - grad
+        if np.sum(s * y) > 1e-12 * np.sqrt(np.sum(s * s) * np.sum(y * y)):
+            steps, changes = (steps + [s])[-memory:], (changes + [y])[-memory:]
+        w, value, grad, extra = w + s, new_value, new_grad, new_extra
+    return w, value, grad, extra
 
 
-def _fit_logistic(x, labels, classes, iterations=50):
+def _fit_logistic(x, labels, classes, iterations=500):
     """Multinomial logistic regression on (n, D) inputs: weights (D + 1, classes), the bias row last.
 
-    Minimises the mean cross-entropy + ||W||^2 / (2n), scikit-learn's default (C = 1; here the bias
-    is penalised too, so the optimum is unique), by Newton steps with a backtracking line search. The
-    Hessian is estimated on the first HESSIAN_ROWS rows (callers pass rows in random order), the
-    gradient on all of them, so the iteration still converges to the exact optimum.
+    Minimises the mean cross-entropy + ||W||^2 / (2n) over the weights (not the bias): scikit-learn's
+    LogisticRegression at its defaults (C = 1; with two classes the penalty is doubled, which makes
+    the two-column fit equal to scikit-learn's one-column binary fit), by L-BFGS to a gradient below
+    1e-6: O(n D classes) per iteration, so a factor of a thousand values costs seconds.
     """
     n = len(x)
     x = np.hstack([x, np.ones((n, 1))])
-    onehot = np.eye(classes)[labels]
-    penalty = 1.0 / n
+    onehot = np.zeros((n, classes))
+    onehot[np.arange(n), labels] = 1
+    penalty = (2.0 if classes == 2 else 1.0) / n
+    mask = np.ones((x.shape[1], 1))
+    mask[-1] = 0  # the bias is not penalised
 
     def objective(w):
         logits = x @ w
         top = logits.max(1, keepdims=True)
         log_total = top + np.log(np.sum(np.exp(logits - top), 1, keepdims=True))
-        loss = np.mean(log_total[:, 0] - np.sum(onehot * logits, 1)) + 0.5 * penalty * np.sum(w * w)
-        return loss, np.exp(logits - log_total)
+        p = np.exp(logits - log_total)
+        value = np.mean(log_total[:, 0] - logits[np.arange(n), labels]) + 0.5 * penalty * np.sum(mask * w * w)
+        return value, x.T @ (p - onehot) / n + penalty * mask * w, None
 
     w = np.zeros((x.shape[1], classes))
-    loss, p = objective(w)
-    for _ in range(iterations):
-        grad = x.T @ (p - onehot) / n + penalty * w
-        hessian = _softmax_hessian(x[:HESSIAN_ROWS], p[:HESSIAN_ROWS], penalty)
-        step = np.linalg.solve(hessian, grad.T.ravel()).reshape(classes, -1).T
-        decrement = np.sum(grad * step)
-        if decrement < 1e-8:  # the loss is then within ~1e-8 of its minimum
-            break
-        for t in 0.5 ** np.arange(30):
-            new_loss, new_p = objective(w - t * step)
-            if new_loss <= loss - 0.25 * t * decrement:
-                break
-        else:
-            break  # no further progress in double precision
-        w, loss, p = w - t * step, new_loss, new_p
-    return w
+    return _lbfgs(objective, w, iterations)[0]
 
 
 def _predict_logistic(x, w):
@@ -474,7 +493,7 @@ def _beta_vae_points(rng, codes, labels, groups, points, batch, chunk=1024):
     return features, fixed
 
 
-def beta_vae_score(codes, factors, samples=10_000, batch=64, seed=0):
+def beta_vae_score(codes, factors, samples=10_000, batch=64, seed=0, standardize=True):
     """BetaVAE disentanglement score (Higgins et al. 2017), as disentanglement_lib computes it.
 
     codes (N, D) float, factors (N, K) int. Each of `samples` training points picks a factor
@@ -483,7 +502,8 @@ def beta_vae_score(codes, factors, samples=10_000, batch=64, seed=0):
     disentanglement_lib's sampling); its feature is the mean over the pairs of |code_a - code_b|
     (D,), its label the factor. A multinomial logistic regression (NumPy, on features standardised
     with the training points' mean and deviation, which disentanglement_lib does not do: it makes
-    the score independent of the codes' scale) learns the label; `samples // 2` new points test
+    the score independent of the codes' scale; standardize=False is disentanglement_lib's raw
+    features) learns the label; `samples // 2` new points test
     it. Random draws use default_rng(seed).
     Returns `score` = `eval_accuracy` (held-out accuracy) and `train_accuracy`, fractions in [0, 1];
     chance is 1 / K. Raises ValueError for bad shapes, non-finite codes, a factor with a single value
@@ -497,7 +517,8 @@ def beta_vae_score(codes, factors, samples=10_000, batch=64, seed=0):
     codes = (codes - codes.mean(0)).astype(np.float32)  # half the memory traffic of random row reads
     train_x, train_y = _beta_vae_points(rng, codes, labels, groups, samples, batch)
     test_x, test_y = _beta_vae_points(rng, codes, labels, groups, samples // 2, batch)
-    train_x, test_x = _standardize(train_x, test_x)
+    if standardize:
+        train_x, test_x = _standardize(train_x, test_x)
     w = _fit_logistic(train_x, train_y, len(sizes))
     train_accuracy = _accuracy(_predict_logistic(train_x, w), train_y)
     eval_accuracy = _accuracy(_predict_logistic(test_x, w), test_y)
@@ -519,7 +540,7 @@ def _factor_vae_votes(rng, codes, labels, groups, points, batch, chunk=512):
     return votes
 
 
-def factor_vae_score(codes, factors, samples=10_000, batch=64, seed=0):
+def factor_vae_score(codes, factors, samples=10_000, batch=64, seed=0, variance_points=None):
     """FactorVAE disentanglement score (Kim & Mnih 2018), as disentanglement_lib computes it.
 
     codes (N, D) float, factors (N, K) int. Codes whose standard deviation over all N rows is below
@@ -532,13 +553,16 @@ def factor_vae_score(codes, factors, samples=10_000, batch=64, seed=0):
     classified right; chance is 1 / K) and `active_dims`, the indices (int array) of the kept
     codes; with none kept, all scores are 0. Raises ValueError for bad shapes, non-finite codes, a
     factor with a single value or a factor value held by a single row (named: "factor 2 value 7").
-    disentanglement_lib estimates the scale on 10,000 sampled points; here it is taken on all rows.
+    The scale is taken on all rows, or on `variance_points` rows drawn with replacement (the first
+    draw of default_rng(seed)), as disentanglement_lib does with 10,000.
     """
     _check_count("samples", samples, 2)
     _check_count("batch", batch, 2)
     codes, labels, sizes = _labelled(codes, factors)
     groups = _value_groups(factors, labels, sizes, "the FactorVAE score")
-    std = codes.std(0, ddof=1) if len(codes) > 1 else np.zeros(codes.shape[1])
+    rng = np.random.default_rng(seed)
+    sample = codes if variance_points is None else codes[rng.integers(len(codes), size=variance_points)]
+    std = sample.std(0, ddof=1) if len(sample) > 1 else np.zeros(codes.shape[1])
     active = np.flatnonzero(std >= COLLAPSED_STD)
     if len(active) == 0:
         return {"score": 0.0, "train_accuracy": 0.0, "eval_accuracy": 0.0, "active_dims": active}
@@ -552,6 +576,182 @@ def factor_vae_score(codes, factors, samples=10_000, batch=64, seed=0):
     eval_accuracy = right(test_votes)
     return {"score": eval_accuracy, "train_accuracy": right(train_votes), "eval_accuracy": eval_accuracy,
             "active_dims": active}
+
+
+# -----------------------------------------------------------------------------
+# gradient-boosted trees (DCI's importances as disentanglement_lib fits them)
+#
+# scikit-learn's GradientBoostingClassifier at its defaults: log-loss; per stage one regression tree
+# per class on the negative gradient (one tree for two classes); 100 stages of depth-3 trees split by
+# Friedman's MSE (the largest squared-error reduction), leaves set by one Newton step ((K-1)/K of it
+# for K > 2 classes) and shrunk by 0.1; a feature's importance is the squared-error reduction of its
+# splits summed over all trees, normalised. Here every tree of every factor grows at once, one level
+# at a time: each code is cut into GBT_BINS quantile bins (between its distinct values when it has
+# fewer, which is then exact), and the residual sums and row counts per (code, bin, tree, node) come
+# from one matrix product of the rows' one-hot bins with the residuals; a right child's histogram is
+# its parent's less its sibling's.
+
+GBT_BINS = 64  # at most 256 (bins are uint8)
+GBT_STAGES, GBT_DEPTH, GBT_RATE = 100, 3, 0.1
+
+
+def _quantile_bins(train, test, bins):
+    """(n, D) and (m, D) bin indices: per code, thresholds midway between distinct training values
+    (at `bins` quantiles when there are more); bin b holds threshold[b - 1] < x <= threshold[b]."""
+    train_bins = np.empty(train.shape, np.uint8)
+    test_bins = np.empty(test.shape, np.uint8)
+    for j in range(train.shape[1]):
+        values = np.unique(train[:, j])
+        if len(values) > bins:
+            values = np.unique(np.quantile(train[:, j], np.linspace(0, 1, bins), method="nearest"))
+        thresholds = (values[:-1] + values[1:]) / 2
+        train_bins[:, j] = np.searchsorted(thresholds, train[:, j], side="left")
+        test_bins[:, j] = np.searchsorted(thresholds, test[:, j], side="left")
+    return train_bins, test_bins
+
+
+def _node_histograms(onehot_bins, bin_counts, residual, node, level, parent):
+    """(D, B, trees, 2^level) residual sums and row counts of every node of the level, from
+    onehot_bins (D * B, n) float32, bin_counts (D, B) and the (n, trees) float32 residuals."""
+    codes, bins = bin_counts.shape
+    trees = residual.shape[1]
+    if level == 0:
+        sums = (onehot_bins @ residual).reshape(codes, bins, trees, 1)
+        return sums, np.broadcast_to(bin_counts[:, :, None, None], sums.shape)
+    halves = 2 ** (level - 1)
+    left = np.empty((len(node), 2, halves, trees), np.float32)  # rows in each left child
+    for h in range(halves):
+        left[:, 1, h] = node == 2 * h
+        left[:, 0, h] = residual * left[:, 1, h]
+    product = (onehot_bins @ left.reshape(len(node), -1)).reshape(codes, bins, 2, halves, trees)
+    left_sums, left_counts = product[:, :, 0].swapaxes(2, 3), product[:, :, 1].swapaxes(2, 3)
+    sums = np.stack([left_sums, parent[0] - left_sums], -1).reshape(codes, bins, trees, 2 * halves)
+    counts = np.stack([left_counts, parent[1] - left_counts], -1).reshape(codes, bins, trees, 2 * halves)
+    return sums, counts
+
+
+def _best_splits(sums, counts):
+    """Per (tree, node): code, bin s and squared-error reduction of the best split 'bin <= s'
+    (the first in code, bin order when tied); a reduction of 0 where no split separates rows."""
+    left_sum = np.cumsum(sums, 1, dtype=np.float64)
+    left_count = np.cumsum(counts, 1, dtype=np.float64)
+    right_sum, right_count = left_sum[:, -1:] - left_sum, left_count[:, -1:] - left_count
+    valid = (left_count > 0.5) & (right_count > 0.5)
+    product = np.where(valid, left_count * right_count * left_count[:, -1:], 1.0)
+    gain = np.where(valid, (left_sum * right_count - right_sum * left_count) ** 2 / product, 0.0)
+    codes, bins, trees, nodes = gain.shape
+    flat = gain.reshape(codes * bins, trees, nodes)
+    best = np.argmax(flat, 0)
+    return best // bins, best % bins, np.take_along_axis(flat, best[None], 0)[0]
+
+
+def _descend(node, bins, code, cut, split):
+    """Each row's child: 2 node + 1 when its node splits and its bin of the split's code is > cut."""
+    trees, nodes = code.shape
+    at = np.arange(trees, dtype=np.int32) * nodes + node  # (rows, trees) index of (tree, node)
+    threshold = np.where(split, cut, 255).ravel()[at]  # a bin is never > 255: no split
+    value = np.take(bins, np.arange(len(bins), dtype=np.int32)[:, None] * bins.shape[1] + code.ravel()[at])
+    return 2 * node + (value > threshold)
+
+
+def _grow_trees(onehot_bins, bin_counts, train_bins, test_bins, residual):
+    """One depth-GBT_DEPTH tree per residual column: leaf of every training and test row per tree
+    (trees, 2^depth leaves) and the (trees, D) squared-error reduction of the splits on each code."""
+    node = np.zeros(residual.shape, np.int32)
+    node_test = np.zeros((len(test_bins), residual.shape[1]), np.int32)
+    gains = np.zeros((residual.shape[1], train_bins.shape[1]))
+    residual = residual.astype(np.float32)
+    histograms = None
+    for level in range(GBT_DEPTH):
+        histograms = _node_histograms(onehot_bins, bin_counts, residual, node, level, histograms)
+        code, cut, reduction = _best_splits(*histograms)
+        split = reduction > 1e-12
+        np.add.at(gains, (np.arange(len(gains))[:, None], code), np.where(split, reduction, 0.0))
+        node = _descend(node, train_bins, code, cut, split)
+        node_test = _descend(node_test, test_bins, code, cut, split)
+    return node, node_test, gains
+
+
+def _gbt_probabilities(raw, groups):
+    """Per factor's columns: softmax (several classes) or sigmoid (two classes, one column)."""
+    p = np.empty_like(raw)
+    for columns in groups:
+        if columns.stop - columns.start == 1:
+            p[:, columns] = 1 / (1 + np.exp(-raw[:, columns]))
+        else:
+            p[:, columns] = _softmax(raw[:, columns])
+    return p
+
+
+def _gbt_targets(labels, sizes):
+    """(n, trees) targets (one-hot, or the label itself for two classes), column groups, initial raw
+    scores (log prior, or log-odds for two classes) and the Newton step's scale per tree."""
+    targets, groups, init, scale, start = [], [], [], [], 0
+    for lab, size in zip(labels, sizes):
+        prior = np.clip(np.bincount(lab, minlength=size) / len(lab), 1e-16, 1 - 1e-16)
+        if size == 2:
+            targets.append(lab[:, None].astype(np.float64))
+            init.append([math.log(prior[1] / prior[0])])
+            scale.append([1.0])
+        else:
+            targets.append(np.eye(size)[lab])
+            init.append(np.log(prior))
+            scale.append(np.full(size, (size - 1) / size))
+        width = targets[-1].shape[1]
+        groups.append(slice(start, start + width))
+        start += width
+    return np.hstack(targets), groups, np.concatenate(init), np.concatenate(scale)
+
+
+def _gbt_fit(train, test, labels, sizes):
+    """Boosted trees per factor on the same codes: raw scores of the training and test rows
+    (n, trees), (m, trees), the factors' column groups, and the (trees, D) split gains."""
+    train_bins, test_bins = _quantile_bins(train, test, GBT_BINS)
+    n, codes = train.shape
+    onehot_bins = np.zeros((codes * GBT_BINS, n), np.float32)
+    onehot_bins[np.arange(codes) * GBT_BINS + train_bins, np.arange(n)[:, None]] = 1
+    bin_counts = onehot_bins.sum(1).reshape(codes, GBT_BINS)
+    targets, groups, init, scale = _gbt_targets(labels, sizes)
+    raw, raw_test = np.tile(init, (n, 1)), np.tile(init, (len(test), 1))
+    gains = np.zeros((targets.shape[1], codes))
+    leaves = 2 ** GBT_DEPTH
+    trees = np.arange(targets.shape[1]) * leaves
+    for _ in range(GBT_STAGES):
+        p = _gbt_probabilities(raw, groups)
+        residual = targets - p
+        node, node_test, stage_gains = _grow_trees(onehot_bins, bin_counts, train_bins, test_bins,
+                                                            residual)
+        gains += stage_gains
+        leaf = (trees + node).ravel()
+        numerator = np.bincount(leaf, residual.ravel(), len(trees) * leaves)
+        denominator = np.bincount(leaf, (p * (1 - p)).ravel(), len(trees) * leaves)
+        value = np.where(np.abs(denominator) < 1e-150, 0.0,
+                         numerator / np.where(denominator == 0, 1.0, denominator))
+        value *= np.repeat(scale, leaves)
+        raw += GBT_RATE * value[trees + node]
+        raw_test += GBT_RATE * value[trees + node_test]
+    return raw, raw_test, groups, gains
+
+
+def _gbt_predict(raw, columns):
+    if columns.stop - columns.start == 1:
+        return (raw[:, columns.start] > 0).astype(np.int64)
+    return np.argmax(raw[:, columns], 1)
+
+
+def _gbt_importance(x_train, x_test, labels_train, labels_test, sizes):
+    """(D, K) importances (each column sums to 1, or 0 without any split) and the train and test
+    accuracy per factor of gradient-boosted trees on the codes."""
+    raw, raw_test, groups, gains = _gbt_fit(x_train, x_test, labels_train, sizes)
+    importance = np.zeros((x_train.shape[1], len(sizes)))
+    accuracy_train, accuracy_test = [], []
+    for k, columns in enumerate(groups):
+        total = gains[columns].sum(0)
+        importance[:, k] = total / total.sum() if total.sum() > 0 else 0.0
+        accuracy_train.append(np.mean(_gbt_predict(raw, columns) == labels_train[k]))
+        accuracy_test.append(np.mean(_gbt_predict(raw_test, columns) == labels_test[k]))
+    return importance, accuracy_train, accuracy_test
+
 
 
 # -----------------------------------------------------------------------------
@@ -576,53 +776,85 @@ def _disentanglement_completeness(importance):
     return float(disentanglement), float(completeness)
 
 
-def dci(codes, factors, importance=None, seed=0):
-    """Disentanglement, completeness and informativeness (Eastwood & Williams 2018).
-
-    codes (N, D) float, factors (N, K) int. `importance` (D, K), >= 0, says how much each code
-    matters for predicting each factor. Disentanglement is the mean over codes of 1 - the entropy
-    (base K) of the code's importance over factors, weighted by the code's share of all importance;
-    completeness the mean over factors of 1 - the entropy (base D) over codes, weighted by the
-    factor's share: exactly disentanglement_lib's formulas, so pass your own regressor's importance
-    to get theirs. Without one, it comes from a linear discriminant analysis per factor (a linear
-    classifier, as the Lasso of Eastwood & Williams), fitted in closed form on TRAIN_POINTS random
-    rows of standardised codes: importance[j, k] = the mean over the factor's values of |weight of
-    code j| (weights centred over values), each column scaled to sum 1 (as scikit-learn's
-    feature_importances_ are). disentanglement_lib uses scikit-learn's gradient-boosted trees
-    instead, which a NumPy-only file cannot have at their cost; a logistic regression is not used
-    either, as its L2 penalty forbids the large weights that split a 40-valued factor on one code.
-    `informativeness_train` / `_test` are that classifier's accuracy on its training rows and on
-    TEST_POINTS other rows, averaged over factors (disentanglement_lib's convention: accuracy, not
-    error). The rows are drawn with default_rng(seed). Returns those four floats in [0, 1] and
-    `importance` (D, K). Raises ValueError for bad shapes, non-finite codes or importance, a
-    negative importance, or a factor with a single value (named).
-    """
-    codes, labels, sizes = _labelled(codes, factors)
-    train, test = _split(len(codes), seed)
-    x_train, x_test = _standardize(codes[train], codes[test])
-    fitted = np.zeros((codes.shape[1], len(sizes)))
+def _lda_importance(x_train, x_test, labels_train, labels_test, sizes):
+    """(D, K) importances of a linear discriminant per factor (|weights| centred over values, mean
+    over values, each column scaled to sum 1), and its train and test accuracy per factor."""
+    importance = np.zeros((x_train.shape[1], len(sizes)))
     accuracy_train, accuracy_test = [], []
-    for k, (lab, size) in enumerate(zip(labels, sizes)):
-        w, b = _fit_lda(x_train, _two_values(lab[train], k, "training rows of DCI"), size)
-        accuracy_train.append(_accuracy(x_train @ w + b, lab[train]))
-        accuracy_test.append(_accuracy(x_test @ w + b, lab[test]))
+    for k, size in enumerate(sizes):
+        w, b = _fit_lda(x_train, labels_train[k], size)
+        accuracy_train.append(_accuracy(x_train @ w + b, labels_train[k]))
+        accuracy_test.append(_accuracy(x_test @ w + b, labels_test[k]))
         present = np.isfinite(b)
         weights = np.abs(w[:, present] - w[:, present].mean(1, keepdims=True)).mean(1)
-        fitted[:, k] = weights / weights.sum() if weights.sum() > 0 else 0.0
-    if importance is None:
-        importance = fitted
+        importance[:, k] = weights / weights.sum() if weights.sum() > 0 else 0.0
+    return importance, accuracy_train, accuracy_test
+
+
+def _present_classes(labels_train, labels_test):
+    """Training labels renumbered over the values they hold (as scikit-learn's classes_), test
+    labels mapped the same way (-1 for a value the training rows lack), and the class count."""
+    values, train = np.unique(labels_train, return_inverse=True)
+    position = np.clip(np.searchsorted(values, labels_test), 0, len(values) - 1)
+    test = np.where(values[position] == labels_test, position, -1)
+    return train.reshape(-1), test, len(values)
+
+
+def _given_importance(importance, shape):
+    importance = np.asarray(importance, dtype=np.float64)
+    if importance.shape != shape:
+        raise ValueError(f"importance must have shape (codes, factors) = {shape}, got {importance.shape}")
+    _check_finite("importance", importance)
+    if importance.min() < 0:
+        raise ValueError("importance must be >= 0")
+    return importance
+
+
+def dci(codes, factors, importance="linear", seed=0):
+    """Disentanglement, completeness and informativeness (Eastwood & Williams 2018).
+
+    codes (N, D) float, factors (N, K) int. importance[j, k] >= 0 says how much code j matters for
+    predicting factor k. Disentanglement is the mean over codes of 1 - the entropy (base K) of the
+    code's importance over factors, weighted by the code's share of all importance; completeness
+    the mean over factors of 1 - the entropy (base D) over codes, weighted by the factor's share:
+    disentanglement_lib's formulas. The classifiers train on TRAIN_POINTS rows and are tested on
+    TEST_POINTS others, drawn with default_rng(seed) (disentanglement_lib's 10,000 and 5,000).
+    importance="linear" (default): a linear discriminant analysis per factor on standardised codes
+    (a linear classifier, as the Lasso of Eastwood & Williams), in closed form: importance = the
+    mean over the factor's values of |weight of code j| (weights centred over values), each column
+    scaled to sum 1. importance="gbt": gradient-boosted trees per factor, disentanglement_lib's
+    choice (scikit-learn's GradientBoostingClassifier at its defaults, written here in NumPy on
+    GBT_BINS quantile bins per code; its feature_importances_); a few seconds per factor value set.
+    An array (D, K): your own importances (informativeness then from the linear discriminant).
+    `informativeness_train` / `_test`: the classifier's accuracy on its training and test rows,
+    averaged over factors (disentanglement_lib's convention: accuracy, not error). Returns those
+    four floats in [0, 1], `importance` (D, K) and `importance_kind`. Raises ValueError for bad
+    shapes, non-finite codes or importance, a negative importance, an unknown kind, or a factor
+    with a single value in the training rows (named).
+    """
+    codes, labels, sizes = _labelled(codes, factors)
+    kind = importance if isinstance(importance, str) else "given"
+    if kind not in ("linear", "gbt", "given"):
+        raise ValueError(f"importance must be 'linear', 'gbt' or an array, got {importance!r}")
+    train, test = _split(len(codes), seed)
+    labels_train = [_two_values(lab[train], k, "training rows of DCI") for k, lab in enumerate(labels)]
+    labels_test = [lab[test] for lab in labels]
+    if kind == "gbt":
+        renumbered = [_present_classes(a, b) for a, b in zip(labels_train, labels_test)]
+        fitted, accuracy_train, accuracy_test = _gbt_importance(
+            codes[train], codes[test], [r[0] for r in renumbered], [r[1] for r in renumbered],
+            [r[2] for r in renumbered])
     else:
-        importance = np.asarray(importance, dtype=np.float64)
-        if importance.shape != fitted.shape:
-            raise ValueError(f"importance must have shape (codes, factors) = {fitted.shape}, "
-                             f"got {importance.shape}")
-        _check_finite("importance", importance)
-        if importance.min() < 0:
-            raise ValueError("importance must be >= 0")
-    disentanglement, completeness = _disentanglement_completeness(importance)
+        x_train, x_test = _standardize(codes[train], codes[test])
+        fitted, accuracy_train, accuracy_test = _lda_importance(x_train, x_test, labels_train,
+                                                                labels_test, sizes)
+    if kind == "given":
+        fitted = _given_importance(importance, fitted.shape)
+    disentanglement, completeness = _disentanglement_completeness(fitted)
     return {"disentanglement": disentanglement, "completeness": completeness,
             "informativeness_train": float(np.mean(accuracy_train)),
-            "informativeness_test": float(np.mean(accuracy_test)), "importance": importance}
+            "informativeness_test": float(np.mean(accuracy_test)), "importance": fitted,
+            "importance_kind": kind}
 
 
 # -----------------------------------------------------------------------------
@@ -645,7 +877,66 @@ def _single_code_accuracy(train_codes, train_labels, test_codes, test_labels, cl
     return np.mean(np.argmax(logits, 2) == test_labels[:, None], 0)
 
 
-def sap_score(codes, factors, continuous=False, seed=0):
+def _svm_objective(w, b, x, sign, cost):
+    """Per problem (columns): 0.5 (w^2 + b^2) + sum_i cost_i max(0, 1 - sign_i (w x_i + b))^2."""
+    margin = np.maximum(1 - sign * (x * w + b), 0)
+    return 0.5 * (w * w + b * b) + np.sum(cost * margin ** 2, 0), margin
+
+
+def _fit_svm_1d(x, sign, cost, iterations=50):
+    """Linear SVMs on one feature each, liblinear's L2-regularised squared-hinge primal with the
+    bias penalised as a feature of value 1 (scikit-learn's LinearSVC), solved exactly by Newton
+    steps with backtracking: x, sign (+-1) and cost (C times the class weight) are (n, problems);
+    returns w, b (problems,)."""
+    w, b = np.zeros(x.shape[1]), np.zeros(x.shape[1])
+    value, margin = _svm_objective(w, b, x, sign, cost)
+    for _ in range(iterations):
+        active = cost * (margin > 0) * 2
+        pull = active * margin * sign  # minus the loss's derivative with respect to the score
+        grad_w, grad_b = w - np.sum(pull * x, 0), b - np.sum(pull, 0)
+        h_ww, h_wb, h_bb = 1 + np.sum(active * x * x, 0), np.sum(active * x, 0), 1 + np.sum(active, 0)
+        det = h_ww * h_bb - h_wb ** 2
+        step_w, step_b = (h_bb * grad_w - h_wb * grad_b) / det, (h_ww * grad_b - h_wb * grad_w) / det
+        decrement = grad_w * step_w + grad_b * step_b
+        if np.max(decrement) < 1e-12:
+            break
+        t = np.ones_like(w)
+        for _ in range(30):
+            new_value, new_margin = _svm_objective(w - t * step_w, b - t * step_b, x, sign, cost)
+            failed = new_value > value - 0.25 * t * decrement
+            if not failed.any():
+                break
+            t = np.where(failed, t / 2, t)
+        w, b, value, margin = w - t * step_w, b - t * step_b, new_value, new_margin
+    return w, b
+
+
+def _single_code_svm_accuracy(train_codes, train_labels, test_codes, test_labels, classes, c=0.01):
+    """(D,) held-out accuracy of disentanglement_lib's SAP classifier on each code alone:
+    LinearSVC(C=0.01, class_weight="balanced"), one-vs-rest over the classes (liblinear weighs
+    only the positive class then), or one machine for two classes."""
+    counts = np.bincount(train_labels, minlength=classes)
+    weight = len(train_labels) / (classes * counts)  # "balanced"
+    targets = [1] if classes == 2 else range(classes)
+    scores = []
+    for target in targets:
+        positive = train_labels == target
+        sign = np.where(positive, 1.0, -1.0)[:, None]
+        if classes == 2:
+            cost = c * weight[train_labels][:, None]
+        else:
+            cost = np.where(positive, c * weight[target], c)[:, None]
+        w, b = _fit_svm_1d(train_codes, np.broadcast_to(sign, train_codes.shape),
+                           np.broadcast_to(cost, train_codes.shape))
+        scores.append(test_codes * w + b)
+    if classes == 2:
+        predicted = (scores[0] > 0).astype(np.int64)
+    else:
+        predicted = np.argmax(np.stack(scores), 0)
+    return np.mean(predicted == test_labels[:, None], 0)
+
+
+def sap_score(codes, factors, continuous=False, seed=0, classifier="lda"):
     """Separated Attribute Predictability (Kumar et al. 2018).
 
     codes (N, D) float, factors (N, K) int. score_matrix[j, k] says how well code j alone predicts
@@ -656,11 +947,16 @@ def sap_score(codes, factors, continuous=False, seed=0):
     factor from the one code, trained on TRAIN_POINTS rows (drawn with default_rng(seed)). The
     classifier is a 1-D linear discriminant (nearest class mean, priors included): thresholds on the
     code as in Kumar et al.; disentanglement_lib's one-vs-rest linear SVM (C = 0.01) cannot single
-    out the middle values of a many-valued factor on one axis, so it underrates a perfect code.
+    out the middle values of a many-valued factor on one axis, so it underrates a perfect code;
+    classifier="svm" is that SVM (LinearSVC(C=0.01, class_weight="balanced") on the raw code, solved
+    exactly in NumPy), for numbers comparable with disentanglement_lib's.
     Returns `score` (float) and `score_matrix` (D, K), values in [0, 1]. Raises ValueError for bad
-    shapes, non-finite codes or a factor with a single value (named).
+    shapes, non-finite codes, an unknown classifier or a factor with a single value (named).
     """
     codes, labels, sizes = _labelled(codes, factors)
+    if classifier not in ("lda", "svm"):
+        raise ValueError(f"classifier must be 'lda' or 'svm', got {classifier!r}")
+    fit = _single_code_accuracy if classifier == "lda" else _single_code_svm_accuracy
     if continuous:
         values = np.asarray(factors, dtype=np.float64)
         centred_codes, centred_values = codes - codes.mean(0), values - values.mean(0)
@@ -672,9 +968,11 @@ def sap_score(codes, factors, continuous=False, seed=0):
         matrix[code_var <= 1e-12] = 0.0
     else:
         train, test = _split(len(codes), seed)
-        columns = [_single_code_accuracy(codes[train], _two_values(lab[train], k, "training rows of SAP"),
-                                         codes[test], lab[test], size)
-                   for k, (lab, size) in enumerate(zip(labels, sizes))]
+        columns = []
+        for k, lab in enumerate(labels):
+            lab_train, lab_test, size = _present_classes(_two_values(lab[train], k, "training rows of SAP"),
+                                                         lab[test])
+            columns.append(fit(codes[train], lab_train, codes[test], lab_test, size))
         matrix = np.stack(columns, 1)
     ranked = -np.sort(-matrix, axis=0)
     gaps = ranked[0] - ranked[1] if len(ranked) > 1 else ranked[0]
@@ -693,7 +991,7 @@ def _modularity(mi):
     return float(np.mean(np.where(top > 0, 1 - deviation, 0.0)))
 
 
-def modularity_explicitness(codes, factors, bins=20, seed=0):
+def modularity_explicitness(codes, factors, bins=20, seed=0, modularity_rows="all"):
     """Modularity and explicitness (Ridgeway & Mozer 2018), after disentanglement_lib's definitions.
 
     codes (N, D) float, factors (N, K) int. Modularity: from the discrete MI (nats) of every code,
@@ -701,7 +999,8 @@ def modularity_explicitness(codes, factors, bins=20, seed=0):
     discrete_mig), each code scores 1 - (sum over factors of MI^2 - its largest MI^2) / (largest *
     (K - 1)) and a code with no MI at all (a constant code) scores 0, as disentanglement_lib: so
     collapsed codes pull the mean down. Equal to disentanglement_lib's modularity on the same codes
-    (disentanglement_lib passes it only its training rows; we use every row, which has less noise).
+    (disentanglement_lib passes it only its training rows; we use every row, which has less noise;
+    modularity_rows="train" uses the explicitness training rows, as disentanglement_lib).
     Explicitness: per factor, a multinomial logistic regression (NumPy, L2 as scikit-learn's default)
     on all standardised codes, trained on TRAIN_POINTS rows drawn with default_rng(seed); its
     one-vs-rest ROC-AUC averaged over the factor's values, on those rows (`explicitness_train`) and
@@ -710,8 +1009,11 @@ def modularity_explicitness(codes, factors, bins=20, seed=0):
     single value (named).
     """
     codes, labels, sizes = _labelled(codes, factors)
-    modularity = _modularity(_discrete_mi(codes, labels, sizes, bins))
+    if modularity_rows not in ("all", "train"):
+        raise ValueError(f"modularity_rows must be 'all' or 'train', got {modularity_rows!r}")
     train, test = _split(len(codes), seed)
+    rows = slice(None) if modularity_rows == "all" else train
+    modularity = _modularity(_discrete_mi(codes[rows], [lab[rows] for lab in labels], sizes, bins))
     x_train, x_test = _standardize(codes[train], codes[test])
     auc_train, auc_test = [], []
     for k, (lab, size) in enumerate(zip(labels, sizes)):
@@ -721,6 +1023,230 @@ def modularity_explicitness(codes, factors, bins=20, seed=0):
         auc_test.append(_roc_auc(_predict_logistic(x_test, w), lab[test]))
     return {"modularity": modularity, "explicitness_train": float(np.mean(auc_train)),
             "explicitness_test": float(np.mean(auc_test))}
+
+
+# -----------------------------------------------------------------------------
+# DCIMIG (Sepliarskaia et al.) and IRS (Suter et al.)
+
+
+def dcimig(codes, factors, bins=20):
+    """DCIMIG of Sepliarskaia et al. 2019 ("How to Not Measure Disentanglement", arXiv 1910.05587).
+
+    codes (N, D) float, factors (N, K) int. From the discrete MI (nats) of every code, binned into
+    `bins` equal-width bins over its range, with every factor over all N rows (as discrete_mig):
+    each code's gap is its largest MI less its second largest (its largest with one factor) and is
+    credited to the factor of its largest MI; each factor keeps the largest gap credited to it (0 if
+    none); DCIMIG = the sum of those over the sum of the factors' entropies, in [0, 1]. Returns
+    `dcimig` (float), `gaps` (K,) in nats, `mi` (D, K) and `entropy` (K,). Raises ValueError for bad
+    shapes, non-finite codes or a factor with a single value (named).
+    """
+    codes, labels, sizes = _labelled(codes, factors)
+    entropy = _prepare_factors(factors, len(codes))[2]
+    mi = _discrete_mi(codes, labels, sizes, bins)
+    return _dcimig_from_mi(mi, entropy)
+
+
+def _dcimig_from_mi(mi, entropy):
+    ranked = -np.sort(-mi, axis=1)
+    code_gaps = ranked[:, 0] - ranked[:, 1] if mi.shape[1] > 1 else ranked[:, 0]
+    gaps = np.zeros(mi.shape[1])
+    np.maximum.at(gaps, np.argmax(mi, axis=1), code_gaps)
+    return {"dcimig": float(gaps.sum() / entropy.sum()), "gaps": gaps, "mi": mi, "entropy": entropy}
+
+
+def _histogram_bins(column, bins):
+    """disentanglement_lib's histogram discretizer of one column (equal-width bins over its range)."""
+    return _discretize(column.astype(np.float64), bins)
+
+
+def irs(codes, factors, diff_quantile=0.99, factor_bins=20):
+    """Interventional robustness score (Suter et al. 2019), as disentanglement_lib computes it.
+
+    codes (N, D) float, factors (N, K) int. Codes constant over the rows are dropped. For each kept
+    code j and factor k: the mean over k's values v of the `diff_quantile` quantile (linear
+    interpolation) of |z_j - E[z_j | v_k = v]| over the rows with that value, divided by the code's
+    largest |z_j - mean z_j|; irs_matrix = 1 - that ratio. A code's score is its row's maximum; the
+    score is their mean weighted by the largest deviations (plain mean if all are 0). As in
+    disentanglement_lib, each factor is first cut into `factor_bins` equal-width bins of its values
+    (the same classes when it has at most that many values); factor_bins=None keeps the values.
+    Returns `score` (float, 0 when every code is constant), `irs_matrix` (kept codes, K),
+    `active_dims` (indices of the kept codes) and `max_deviations`. Raises ValueError for bad shapes,
+    non-finite codes, diff_quantile outside [0, 1] or a factor with a single value (named).
+    """
+    codes, labels, sizes = _labelled(codes, factors)
+    if not 0 <= diff_quantile <= 1:
+        raise ValueError(f"diff_quantile must be in [0, 1], got {diff_quantile!r}")
+    if factor_bins is not None:
+        labels = [_relabel(_histogram_bins(lab, factor_bins))[0] for lab in labels]
+    active = np.flatnonzero(codes.var(0) > 0)
+    latents = codes[:, active]
+    max_deviations = np.max(np.abs(latents - latents.mean(0)), 0)
+    deviation = np.zeros((len(active), len(labels)))
+    for k, lab in enumerate(labels):
+        order = np.argsort(lab, kind="stable")
+        bounds = np.flatnonzero(np.diff(lab[order])) + 1
+        groups = np.split(latents[order], bounds)
+        for group in groups:
+            spread = np.abs(group - group.mean(0))
+            deviation[:, k] += np.quantile(spread, diff_quantile, axis=0)
+        deviation[:, k] /= len(groups)
+    if len(active) == 0:
+        return {"score": 0.0, "irs_matrix": deviation, "active_dims": active,
+                "max_deviations": max_deviations}
+    irs_matrix = 1 - deviation / max_deviations[:, None]
+    best = irs_matrix.max(1)
+    score = np.average(best, weights=max_deviations) if max_deviations.sum() > 0 else best.mean()
+    return {"score": float(score), "irs_matrix": irs_matrix, "active_dims": active,
+            "max_deviations": max_deviations}
+
+
+# -----------------------------------------------------------------------------
+# UDR (Duan et al.): model selection without labels
+
+
+def _ranks(column):
+    """Ranks 1..n of a column, ties given their mean rank (as scipy's rankdata)."""
+    order = np.argsort(column, kind="stable")
+    ordered = column[order]
+    first = np.r_[True, ordered[1:] != ordered[:-1]]
+    group = np.cumsum(first) - 1
+    starts = np.flatnonzero(first)
+    ends = np.r_[starts[1:], len(column)]
+    ranks = np.empty(len(column))
+    ranks[order] = ((starts + ends + 1) / 2)[group]
+    return ranks
+
+
+def _spearman_matrix(a, b):
+    """|Spearman correlation| (D, D) of every column of a with every column of b (0 for a constant)."""
+    ra = np.stack([_ranks(c) for c in a.T], 1)
+    rb = np.stack([_ranks(c) for c in b.T], 1)
+    ra, rb = ra - ra.mean(0), rb - rb.mean(0)
+    scale = np.outer(np.sqrt(np.sum(ra * ra, 0)), np.sqrt(np.sum(rb * rb, 0)))
+    return np.abs(np.divide(ra.T @ rb, scale, out=np.zeros(scale.shape), where=scale > 0))
+
+
+def _lasso_matrix(a, b, alpha=0.1, iterations=10_000):
+    """|coefficients| (D, D) of scikit-learn's Lasso(alpha=0.1) regressing each column of b on all
+    of a (mean squared error / 2 + alpha * L1, intercept fitted): coordinate descent on the centred
+    Gram matrix, to changes below 1e-12."""
+    a, b = a - a.mean(0), b - b.mean(0)
+    gram, target = a.T @ a / len(a), a.T @ b / len(a)
+    w = np.zeros(target.shape)
+    for _ in range(iterations):
+        largest = 0.0
+        for j in range(len(w)):
+            if gram[j, j] == 0:
+                continue
+            rho = target[j] - gram[j] @ w + gram[j, j] * w[j]
+            new = np.sign(rho) * np.maximum(np.abs(rho) - alpha, 0) / gram[j, j]
+            largest = max(largest, np.max(np.abs(new - w[j])))
+            w[j] = new
+        if largest < 1e-12:
+            break
+    return np.abs(w)
+
+
+def _relative_strength(matrix):
+    """Duan et al.'s score of a (D_a, D_b) similarity matrix: the mean over columns and over rows of
+    max^2 / sum (0 where a sum is 0), averaged; 0 for an empty matrix."""
+    if matrix.size == 0:
+        return 0.0
+
+    def side(m):
+        total = m.sum(0)
+        return np.mean(np.divide(m.max(0) ** 2, total, out=np.zeros(len(total)), where=total > 0))
+
+    return float((side(matrix) + side(matrix.T)) / 2)
+
+
+def udr(codes, kl, correlation="spearman", kl_threshold=0.01):
+    """Unsupervised disentanglement ranking (Duan et al. 2020), as disentanglement_lib's udr_sklearn.
+
+    codes: a list of M >= 2 arrays (N, D), the mean codes of M models on the same N inputs (same
+    rows in the same order); kl (M, D): each model's mean KL per latent (nats). Each model's codes
+    are standardised and its latents of KL <= kl_threshold zeroed and left out. For each ordered
+    pair (i, j), i != j: a similarity matrix of model i's latents (rows) and model j's (columns),
+    |Spearman correlation| ("spearman") or |Lasso coefficients| of j's latents on i's ("lasso",
+    alpha 0.1); its relative strength (the mean over rows and columns of max^2 / sum, averaged) is
+    pairwise[i, j]. Model j's score is the median over i != j of pairwise[i, j]. Identical models
+    score 1, unrelated ones near 0; no labels are needed. Returns `scores` (M,), `pairwise` (M, M)
+    with a zero diagonal and `active` (M, D) bool. Raises ValueError for fewer than two models,
+    different shapes, non-finite values or an unknown correlation.
+    """
+    if correlation not in ("spearman", "lasso"):
+        raise ValueError(f"correlation must be 'spearman' or 'lasso', got {correlation!r}")
+    if len(codes) < 2:
+        raise ValueError(f"codes must hold at least 2 models, got {len(codes)}")
+    codes = [_check_rows(f"codes[{m}]", c).astype(np.float64) for m, c in enumerate(codes)]
+    for m, c in enumerate(codes):
+        _check_finite(f"codes[{m}]", c)
+        if c.shape != codes[0].shape:
+            raise ValueError(f"codes[{m}] has shape {c.shape}, codes[0] {codes[0].shape}: the models "
+                             "must encode the same rows with the same number of latents")
+    kl = np.asarray(kl, dtype=np.float64)
+    if kl.shape != (len(codes), codes[0].shape[1]):
+        raise ValueError(f"kl must have shape (models, latents) = {(len(codes), codes[0].shape[1])}, "
+                         f"got {kl.shape}")
+    _check_finite("kl", kl)
+    active = kl > kl_threshold
+    scaled = [np.where(on, (c - c.mean(0)) / np.where(c.std(0) > 0, c.std(0), 1), 0)
+              for c, on in zip(codes, active)]
+    similarity = _spearman_matrix if correlation == "spearman" else _lasso_matrix
+    pairwise = np.zeros((len(codes), len(codes)))
+    for i, j in itertools.permutations(range(len(codes)), 2):
+        matrix = similarity(scaled[i], scaled[j])
+        pairwise[i, j] = _relative_strength(matrix[np.ix_(active[i], active[j])])
+    scores = np.array([np.median(np.delete(pairwise[:, j], j)) for j in range(len(codes))])
+    return {"scores": scores, "pairwise": pairwise, "active": active}
+
+
+# -----------------------------------------------------------------------------
+# what codes are for: downstream prediction (Locatello et al. 2019)
+
+
+def downstream(codes, factors, train_sizes=(10, 100, 1000, 10000), seed=0, test_points=TEST_POINTS):
+    """Test accuracy of predicting each factor from the codes with few labels (Locatello et al.
+    2019, section 4's downstream study).
+
+    codes (N, D) float, factors (N, K) int. With default_rng(seed), `test_points` rows are held out
+    and the training rows of every size are drawn from the rest (the smaller sets inside the larger
+    ones); per factor and size, a multinomial logistic regression (as scikit-learn's default, C = 1)
+    on codes standardised with the training rows' mean and deviation predicts the factor on the
+    held-out rows (a training set with one value predicts it everywhere). Sizes larger than the
+    N - test_points rows left are skipped and listed in `skipped_sizes`. Returns `train_sizes` (S,)
+    int, `test_accuracy` (K, S) and `mean_test_accuracy` (S,) in [0, 1], and `sample_efficiency` =
+    mean accuracy at 100 / at 10,000 rows (None unless both sizes were measured). Raises ValueError
+    for bad shapes, non-finite codes, a size < 1, N <= test_points, or a factor with a single value.
+    """
+    codes, labels, sizes = _labelled(codes, factors)
+    for size in train_sizes:
+        _check_count("train_sizes entries", size, 1)
+    if len(codes) <= test_points:
+        raise ValueError(f"codes: downstream holds out {test_points} test rows and needs more rows than "
+                         f"that, got {len(codes)}")
+    order = np.random.default_rng(seed).permutation(len(codes))
+    test, pool = order[:test_points], order[test_points:]
+    measured = sorted(s for s in set(train_sizes) if s <= len(pool))
+    accuracy = np.zeros((len(labels), len(measured)))
+    for s, size in enumerate(measured):
+        x_train, x_test = _standardize(codes[pool[:size]], codes[test])
+        for k, lab in enumerate(labels):
+            accuracy[k, s] = _logistic_accuracy(x_train, lab[pool[:size]], x_test, lab[test])
+    mean = accuracy.mean(0)
+    efficiency = (float(mean[measured.index(100)] / mean[measured.index(10000)])
+                  if 100 in measured and 10000 in measured and mean[measured.index(10000)] > 0 else None)
+    return {"train_sizes": np.array(measured, np.int64), "test_accuracy": accuracy,
+            "mean_test_accuracy": mean, "sample_efficiency": efficiency,
+            "skipped_sizes": sorted(s for s in set(train_sizes) if s > len(pool))}
+
+
+def _logistic_accuracy(x_train, labels_train, x_test, labels_test):
+    train, test, classes = _present_classes(labels_train, labels_test)
+    if classes == 1:
+        return float(np.mean(test == 0))
+    w = _fit_logistic(x_train, train, classes)
+    return _accuracy(_predict_logistic(x_test, w), test)
 
 
 # -----------------------------------------------------------------------------
@@ -775,38 +1301,115 @@ def mutual_info_score(codes, bins=20):
 # every metric at once
 
 
-def evaluate(mu, logvar, factors=None, seed=0):
-    """Every metric that applies to the encoder's posterior means `mu` (N, D) and log-variances
-    `logvar` (N, D) (used by mig_gaussian only; None leaves that entry as an error), with integer
-    `factors` (N, K) or None for unlabelled data.
+PROTOCOLS = ("exact", "dlib")
+DLIB_POINTS = 10_000  # disentanglement_lib's num_train of MIG, IRS and the unsupervised scores
 
-    Returns {metric name: that function's dict}: with factors, `beta_vae_score`, `factor_vae_score`,
-    `dci`, `sap_score`, `modularity_explicitness`, `gaussian_total_correlation`,
-    `mutual_info_score`, `mig_discrete` (discrete_mig) and `mig_gaussian` (gaussian_mig); without,
-    the two label-free ones. Each metric runs with its defaults and `seed`. A metric that raises
-    ValueError on these codes (say a factor value with a single row) gets {"error": "<one line>"}
-    and the others are still computed.
+
+def _checked_inputs(mu, logvar, factors):
+    """mu (N, D) float64, logvar (N, D) or None, factors (N, K) or None, each checked by name."""
+    mu = _check_rows("mu", mu).astype(np.float64, copy=False)
+    _check_finite("mu", mu)
+    if logvar is not None:
+        logvar = np.asarray(logvar)
+        if logvar.shape != mu.shape:
+            raise ValueError(f"logvar has shape {logvar.shape}, mu {mu.shape}: they must be the same")
+        _check_finite("logvar", logvar)
+    if factors is not None:
+        factors = _check_rows("factors", factors, len(mu))
+        if factors.shape[1] == 0:
+            _prepare_factors(factors, len(mu))  # raises: no factor varies
+    return mu, logvar, factors
+
+
+def _exact_runs(mu, logvar, factors, seed):
+    """{name: function of no arguments}: every metric on every row, with its defaults."""
+    runs = {"gaussian_total_correlation": lambda: gaussian_total_correlation(mu),
+            "mutual_info_score": lambda: mutual_info_score(mu)}
+    if factors is None:
+        return runs
+    mig = {}
+
+    def mig_discrete():
+        mig.update(discrete_mig(mu, factors))
+        return mig
+
+    runs.update(beta_vae_score=lambda: beta_vae_score(mu, factors, seed=seed),
+                factor_vae_score=lambda: factor_vae_score(mu, factors, seed=seed),
+                dci=lambda: dci(mu, factors, seed=seed),
+                sap_score=lambda: sap_score(mu, factors, seed=seed),
+                modularity_explicitness=lambda: modularity_explicitness(mu, factors, seed=seed),
+                mig_discrete=mig_discrete,
+                mig_gaussian=lambda: gaussian_mig(mu, _given("logvar", logvar), factors, seed=seed),
+                dcimig=lambda: _dcimig_from_mi(mig["mi"], mig["entropy"]) if mig else dcimig(mu, factors),
+                irs=lambda: irs(mu, factors, factor_bins=None),
+                downstream=lambda: downstream(mu, factors, seed=seed))
+    return runs
+
+
+def _dlib_runs(mu, factors, seed):
+    """{name: function of no arguments}: disentanglement_lib's unsupervised-study settings."""
+    points = np.random.default_rng(seed).integers(len(mu), size=DLIB_POINTS)
+    sampled = mu[points]
+    runs = {"gaussian_total_correlation": lambda: gaussian_total_correlation(sampled),
+            "mutual_info_score": lambda: mutual_info_score(sampled)}
+    if factors is None:
+        return runs
+    sampled_factors = factors[points]
+    mig = {}
+
+    def mig_discrete():
+        mig.update(discrete_mig(sampled, sampled_factors, bins=20))
+        return mig
+
+    runs.update(beta_vae_score=lambda: beta_vae_score(mu, factors, 10_000, 64, seed, standardize=False),
+                factor_vae_score=lambda: factor_vae_score(mu, factors, 10_000, 64, seed,
+                                                          variance_points=10_000),
+                dci=lambda: dci(mu, factors, importance="gbt", seed=seed),
+                sap_score=lambda: sap_score(mu, factors, seed=seed, classifier="svm"),
+                modularity_explicitness=lambda: modularity_explicitness(mu, factors, 20, seed,
+                                                                        modularity_rows="train"),
+                mig_discrete=mig_discrete,
+                dcimig=lambda: (_dcimig_from_mi(mig["mi"], mig["entropy"]) if mig
+                                else dcimig(sampled, sampled_factors)),
+                irs=lambda: irs(sampled, sampled_factors, 0.99, factor_bins=20),
+                downstream=lambda: downstream(mu, factors, seed=seed))
+    return runs
+
+
+def evaluate(mu, logvar, factors=None, seed=0, protocol="exact"):
+    """Every metric that applies to the encoder's posterior means `mu` (N, D) float and
+    log-variances `logvar` (N, D) (used by mig_gaussian only; None leaves that entry as an error),
+    with integer `factors` (N, K) of any integer dtype, or None for unlabelled data.
+
+    protocol="exact": every metric with its defaults on every row (the classifiers on 10,000 +
+    5,000 drawn rows), `seed` for every draw. protocol="dlib": the settings of disentanglement_lib's
+    unsupervised study (Locatello et al. 2019) on the mean representation: discrete MIG, DCIMIG,
+    IRS (factors in 20 bins) and the label-free scores on 10,000 rows drawn with replacement by
+    default_rng(seed); the BetaVAE score on raw (unstandardised) features; the FactorVAE score's
+    scale from 10,000 drawn rows; DCI from gradient-boosted trees; SAP by LinearSVC(C=0.01);
+    modularity on the explicitness training rows; no mig_gaussian (not one of theirs).
+    Returns {metric name: that function's dict + "protocol": the protocol}: with factors,
+    `beta_vae_score`, `factor_vae_score`, `dci`, `sap_score`, `modularity_explicitness`,
+    `mig_discrete`, `mig_gaussian` (exact only), `dcimig`, `irs`, `downstream`, and the label-free
+    `gaussian_total_correlation` and `mutual_info_score` (the only two without factors). A metric
+    that these data cannot serve (say a factor value with a single row) gets {"error": "<one line>",
+    "protocol": ...} and the others are still computed; dlib_names() flattens the result.
+    Raises ValueError naming the argument for non-finite or non-2-D mu, logvar of another shape,
+    factors with another row count or no column, or an unknown protocol.
     """
-    mu = np.asarray(mu, dtype=np.float64)
-    runs = {}
-    if factors is not None:
-        factors = np.asarray(factors)
-        runs.update(beta_vae_score=lambda: beta_vae_score(mu, factors, seed=seed),
-                    factor_vae_score=lambda: factor_vae_score(mu, factors, seed=seed),
-                    dci=lambda: dci(mu, factors, seed=seed),
-                    sap_score=lambda: sap_score(mu, factors, seed=seed),
-                    modularity_explicitness=lambda: modularity_explicitness(mu, factors, seed=seed))
-    runs.update(gaussian_total_correlation=lambda: gaussian_total_correlation(mu),
-                mutual_info_score=lambda: mutual_info_score(mu))
-    if factors is not None:
-        runs["mig_discrete"] = lambda: discrete_mig(mu, factors)
-        runs["mig_gaussian"] = lambda: gaussian_mig(mu, _given("logvar", logvar), factors, seed=seed)
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    mu, logvar, factors = _checked_inputs(mu, logvar, factors)
+    if protocol == "exact":
+        runs = _exact_runs(mu, logvar, factors, seed)
+    else:
+        runs = _dlib_runs(mu, factors, seed)
     results = {}
     for name, run in runs.items():
         try:
-            results[name] = run()
+            results[name] = dict(run(), protocol=protocol)
         except ValueError as e:
-            results[name] = {"error": (str(e).splitlines() or [type(e).__name__])[0]}
+            results[name] = {"error": (str(e).splitlines() or [type(e).__name__])[0], "protocol": protocol}
     return results
 
 
@@ -814,3 +1417,42 @@ def _given(name, value):
     if value is None:
         raise ValueError(f"no {name} given")
     return value
+
+
+# (name in disentanglement_lib's results, metric, key): scores a results table can hold as they are
+DLIB_NAMES = [
+    ("beta_vae_score", "beta_vae_score", "score"),
+    ("factor_vae_score", "factor_vae_score", "score"),
+    ("discrete_mig", "mig_discrete", "mig"),
+    ("dci_disentanglement", "dci", "disentanglement"),
+    ("dci_completeness", "dci", "completeness"),
+    ("dci_informativeness_test", "dci", "informativeness_test"),
+    ("sap_score", "sap_score", "score"),
+    ("modularity", "modularity_explicitness", "modularity"),
+    ("explicitness_test", "modularity_explicitness", "explicitness_test"),
+    ("irs", "irs", "score"),
+    ("gaussian_total_correlation", "gaussian_total_correlation", "score"),
+    ("mutual_info_score", "mutual_info_score", "score"),
+    ("gaussian_mig", "mig_gaussian", "mig"),
+    ("dcimig", "dcimig", "dcimig"),
+    ("downstream_sample_efficiency", "downstream", "sample_efficiency"),
+]
+
+
+def dlib_names(result):
+    """evaluate()'s result as one flat {name: float} dict under disentanglement_lib's names
+    (discrete_mig, dci_disentanglement, beta_vae_score, factor_vae_score, sap_score, modularity,
+    irs, ...; ours that it lacks: gaussian_mig, dcimig, downstream_sample_efficiency and
+    downstream_accuracy_<size>), plus "protocol". Metrics that returned an error are left out."""
+    flat = {}
+    for name, metric, key in DLIB_NAMES:
+        value = result.get(metric, {}).get(key)
+        if value is not None:
+            flat[name] = float(value)
+    down = result.get("downstream", {})
+    for size, accuracy in zip(down.get("train_sizes", []), down.get("mean_test_accuracy", [])):
+        flat[f"downstream_accuracy_{int(size)}"] = float(accuracy)
+    protocols = {entry.get("protocol") for entry in result.values()}
+    if len(protocols) == 1:
+        flat["protocol"] = protocols.pop()
+    return flat
