@@ -1569,21 +1569,30 @@ def _chair_sources(path, rows):
 def _load_chairs(path, cache_dir=None):
     """3D chairs (Aubry et al. 2014) from rendered_chairs.tar or its extracted folder: 1,393
     chairs x 62 views as published, (N, 64, 64, 1) uint8 gray (_chair_image), decoded once into
-    a cache; factors chair (folder, sorted), azimuth (31: t), elevation (2: p) from the names."""
+    a cache of shape (chair, azimuth, elevation, 64, 64, 1) (a cached tar is not read again);
+    factors chair (folder, sorted), azimuth (31: t), elevation (2: p) from the names."""
     in_tar = not os.path.isdir(path)
     listing = None if in_tar else sorted(_folder_files(path)[0])
     cache = _cache_file(path, "chairs-64x64-gray", cache_dir, listing)
-    names = [m.name for m, _ in _tar_files(path)] if in_tar else [f[0] for f in listing]
-    rows, sizes = _chair_grid(path, names)
-    def fill(out):
-        progress = _progress(len(rows), path)
-        for done, (i, where, source) in enumerate(_chair_sources(path, rows), 1):
-            out[i, :, :, 0] = _chair_image(source, where)
-            progress(done)
-        return out
-    shape = (len(rows), 64, 64, 1)
-    images = _cached(cache, lambda s: s == shape, lambda f: _write_npy(f, fill(np.empty(shape, np.uint8))))
-    return _dataset(images, _grid_factors(sizes), ["chair", "azimuth", "elevation"], sizes, "chairs3d")
+    grid = _read_cache(cache, lambda s: len(s) == 6 and s[3:] == (64, 64, 1)) if in_tar else None
+    if grid is None:
+        names = [m.name for m, _ in _tar_files(path)] if in_tar else [f[0] for f in listing]
+        rows, sizes = _chair_grid(path, names)
+        shape = sizes + (64, 64, 1)
+        grid = _cached(cache, lambda s: s == shape,
+                       lambda f: _write_npy(f, _chair_images(path, rows, np.empty(shape, np.uint8))))
+    sizes = grid.shape[:3]
+    return _dataset(grid.reshape(-1, 64, 64, 1), _grid_factors(sizes), ["chair", "azimuth", "elevation"],
+                    sizes, "chairs3d")
+
+
+def _chair_images(path, rows, out):
+    """Each render of `rows` decoded into its place of out (chair, azimuth, elevation, 64, 64, 1)."""
+    flat, progress = out.reshape(-1, 64, 64, 1), _progress(len(rows), path)
+    for done, (i, where, source) in enumerate(_chair_sources(path, rows), 1):
+        flat[i, :, :, 0] = _chair_image(source, where)
+        progress(done)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1482,6 +1482,11 @@ def test_chairs_folder_and_tar(tmp_path):
         assert ds.images.shape == (186, 64, 64, 1)
         np.testing.assert_array_equal(ds.images.reshape(186, -1).min(1), np.arange(186))
         np.testing.assert_array_equal(ds.images.reshape(186, -1).max(1), np.arange(186))
+    def no_reading(*args):
+        raise AssertionError("a cached tar was read again")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(data, "_tar_files", no_reading)
+        assert data.load(tmp_path / "rendered_chairs.tar", cache_dir=tmp_path / "cache").factor_sizes == list(grid)
     next((folder / bench_fx.CHAIRS[1] / "renders").glob(f"*_p030_t{bench_fx.CHAIR_AZIMUTHS[1]:03d}_*")).unlink()
     with pytest.raises(DataError, match=f"chair {bench_fx.CHAIRS[1]} has 61 views"):
         data.load(folder, cache_dir=tmp_path / "cache")
