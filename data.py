@@ -3,9 +3,12 @@ files also need h5.py beside this file).
 
 `load(source, limit=None, seed=0, **options) -> Dataset` reads a built-in name ("sprites" or
 "shapes", rendered here; options as keywords or in the name: "sprites:positions=8,scales=3") or a
-path: an .npz, .npy, .h5 or .hdf5 file (dSprites', 3dshapes' or your own `images` and `factors`),
-a folder, .zip or .tar(.gz) of images (celebA, your own), cars3d's .mat files or their tar, or 3D
-faces' .pth file; each reader's docstring and the README's data section say what is read.
+path: an .npz, .npy, .h5 or .hdf5 file (dSprites', 3dshapes', MPI3D's or your own `images` and
+`factors`), a folder, .zip or .tar(.gz) of images (celebA, your own), cars3d's .mat files or their
+tar, 3D faces' .pth file, SmallNORB's six files, or 3D chairs' rendered_chairs.tar or folder; each
+reader's docstring and the README's data section say what is read. Options variant=color|noisy or
+scream=PATH ("dsprites.npz:variant=color") draw 1-channel images as disentanglement_lib's dSprites
+variants (DrawnImages). MPI3D and SmallNORB also need fileformats.py beside this file.
 `read_mat(source, name)` reads one numeric variable of a MATLAB v5 .mat file, without scipy.
 
 Images are uint8 (N, H, W, C) as stored (memory-mapped, read-only arrays for .npy files, caches
@@ -178,7 +181,8 @@ def _reader_for(path):
         if path.lower().endswith(endings):
             return reader
     raise DataError(f"{path}: unknown kind of file; expected .npz, .npy, .h5, .hdf5, .zip, "
-                    ".tar.gz, .pth/.pt, or a folder of images or cars3d .mat files")
+                    ".tar.gz, .pth/.pt, smallnorb-*.mat(.gz), or a folder of images, cars3d .mat "
+                    "files, SmallNORB's files or 3D chairs' renders")
 
 
 def _rows(count, limit, seed):
