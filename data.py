@@ -1654,15 +1654,15 @@ def _variant(dataset, source, seed, variant=None, scream=None):
         draw = lambda batch, rows: np.maximum(batch, np.stack(
             [np.random.default_rng([seed, r]).integers(0, 256, (h, w, 3), np.uint8) for r in rows]))
     else:
-        draw = _scream_draw(_scream_picture(scream, source, h, w), seed)
+        draw = _scream_draw(_scream_picture(scream, h, w), seed)
     images = DrawnImages(dataset.images, (n, h, w, 3), draw)
     return Dataset(images, dataset.factors, dataset.factor_names, dataset.factor_sizes,
                    f"{dataset.name}:{variant or 'scream'}")
 
 
-def _scream_picture(path, source, h, w):
+def _scream_picture(path, h, w):
     """The picture as disentanglement_lib prepares The Scream: thumbnail to fit 350x274, RGB uint8."""
-    with _reading(path, f"{source}: option scream: not a readable picture"), Image.open(path) as im:
+    with _reading(path, "not a readable picture (option scream)"), Image.open(path) as im:
         im = im.convert("RGB")
         im.thumbnail((350, 274))
         picture = np.asarray(im)
