@@ -427,7 +427,7 @@ def _grid_classes(path, array_name, values, grids, names, dataset):
         tolerance = 0.05 * np.diff(grid).min() if len(grid) > 1 else 1e-6
         bad = np.flatnonzero(~(np.abs(column - grid[nearest]) <= tolerance))
         if bad.size:
-            raise DataError(f"{path}: {array_name}[{bad[0]}, {k}] = {column[bad[0]]!r} is not a "
+            raise DataError(f"{path}: {array_name}[{bad[0]}, {k}] = {float(column[bad[0]])!r} is not a "
                             f"{dataset} {names[k]} value (the published grid: {len(grid)} values "
                             f"from {grid[0]:g} to {grid[-1]:g})")
         classes[:, k] = nearest
@@ -472,12 +472,12 @@ def _checked_images(path, images):
     if images.dtype != np.uint8:
         raise DataError(f"{path}: images are {images.dtype}; expected uint8 0..255 "
                         "(convert with np.round(x * 255).astype(np.uint8))")
+    if images.ndim in (3, 4) and len(images) == 0:
+        raise DataError(f"{path}: no images (the images array has shape {images.shape})")
     if images.ndim == 3:
         images = images.reshape(images.shape + (1,))  # a view: adds the channel axis
     if images.ndim != 4 or images.shape[3] not in (1, 3):
         raise DataError(f"{path}: images have shape {images.shape}; expected (N,H,W) or (N,H,W,C), C 1 or 3")
-    if len(images) == 0:
-        raise DataError(f"{path}: no images (the images array has shape {images.shape})")
     if images.flags.writeable and images.size and images.max() <= 1:
         np.multiply(images, 255, out=images)
     return images
