@@ -1697,6 +1697,14 @@ def test_mpi3d_other_counts(tmp_path):
     assert ds.factors is None and ds.images.shape == (50, 4, 4, 3) and ds.images.max() == 7
 
 
+def test_raw_formats_need_fileformats_beside_data(tmp_path):
+    bench_fx.write_smallnorb(tmp_path / "norb", rows=2)
+    said = run_copied_alone(tmp_path, "data", "import data\n"
+                            "try: data.load('../norb')\nexcept data.DataError as e: print(e)\n")
+    assert said[-1].endswith("norb: reading this file needs fileformats.py (the toolkit's reader "
+                             "of raw formats) beside data.py")
+
+
 @pytest.mark.parametrize("compress", [False, True])
 def test_smallnorb_as_disentanglement_lib(tmp_path, compress):
     folder = tmp_path / "norb"

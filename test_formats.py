@@ -128,3 +128,20 @@ def test_norb_refuses_damaged_files(tmp_path, compress):
             fileformats.read_norb(bad)
         with pytest.raises(fileformats.FormatError, match=problem):
             list(fileformats.norb_blocks(bad)[1])
+
+
+def test_fileformats_stands_alone(tmp_path):
+    """fileformats.py copied alone imports nothing but numpy and the standard library, and reads."""
+    import os
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    (tmp_path / "fileformats.py").write_bytes(open(os.path.join(here, "fileformats.py"), "rb").read())
+    np.savez(tmp_path / "a.npz", images=np.arange(6, dtype=np.uint8).reshape(3, 2))
+    code = ("import sys\nbefore = set(sys.modules)\nimport fileformats\n"
+            "imported = {m.split('.')[0] for m in set(sys.modules) - before}\n"
+            "print(sorted(imported - set(sys.stdlib_module_names) - {'fileformats', 'numpy'}))\n"
+            "print(fileformats.npz_rows('a.npz', 'images')[[0, 2]].tolist())\n")
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split("\n")[:2] == ["[]", "[[0, 1], [4, 5]]"]
