@@ -563,7 +563,8 @@ def _hdf5_factors(path, found, image_name, count):
     labels, classes = found.get("labels"), found.get("latents/classes")
     values = found.get("latents/values")
     if image_name == "images" and labels is not None and labels.shape == (count, 6):
-        factors = _grid_classes(path, "labels", labels[()], _SHAPES3D_VALUES, _SHAPES3D_NAMES, "3dshapes")
+        factors = _grid_classes(path, "labels", labels[()], _SHAPES3D_VALUES, _SHAPES3D_NAMES,
+                                "3dshapes")
         return factors, _SHAPES3D_NAMES, [len(grid) for grid in _SHAPES3D_VALUES]
     if image_name == "imgs" and classes is not None:
         factors, names = classes[()], _DSPRITES_NAMES if classes.shape[1:] == (6,) else None
@@ -759,13 +760,7 @@ def _load_images(path, size=64, crop="default", cache_dir=None):
         if size != 64 or crop != "default":
             raise DataError(f"{path}: holds cars3d, read at 64x64; options size and crop do not apply")
         return _load_cars3d(contents, cache_dir)
-    if not contents.files:
-        raise DataError(f"{path}: no images ({', '.join(_IMAGE_EXTS)})"
-                        + (" or cars3d car_*_mesh.mat files" if contents.kind != "zip" else "") + " found"
-                        + (f" ({contents.hidden} hidden or system entries skipped)" if contents.hidden else ""))
-    if contents.hidden:
-        print(f"{path}: skipped {contents.hidden} hidden or system entries (dot-files, ._* and __MACOSX/ "
-              "from macOS, Thumbs.db, desktop.ini)", file=sys.stderr)
+    _say_what_was_skipped(contents)
     members = () if contents.kind == "tar" else contents.files
     cache = _cache_file(path, _image_tag(size, crop, contents.celeba), cache_dir, members)
     count, crop = len(contents.files), _crop_used(crop, contents.celeba)
@@ -773,6 +768,18 @@ def _load_images(path, size=64, crop="default", cache_dir=None):
                      lambda f: _write_decoded(f, contents, size, crop),
                      nbytes=len(_npy_header((count, size, size, 3))) + count * size * size * 3)
     return _images_dataset(path, images, crop, contents.celeba)
+
+
+def _say_what_was_skipped(contents):
+    """A line on stderr counting the hidden entries skipped; DataError if no image is left."""
+    skipped = f"{contents.hidden} hidden or system entries"
+    if not contents.files:
+        cars = " or cars3d car_*_mesh.mat files" if contents.kind != "zip" else ""
+        raise DataError(f"{contents.path}: no images ({', '.join(_IMAGE_EXTS)}){cars} found"
+                        + (f" ({skipped} skipped)" if contents.hidden else ""))
+    if contents.hidden:
+        print(f"{contents.path}: skipped {skipped} (dot-files, ._* and __MACOSX/ from macOS, "
+              "Thumbs.db, desktop.ini)", file=sys.stderr)
 
 
 def _image_tag(size, crop, celeba):
@@ -831,8 +838,9 @@ def _image_contents(path):
     if os.path.isdir(path):
         cars = sorted(name for name in os.listdir(path) if _is_car(name))
         if cars:
-            stats = [(name, s.st_size, s.st_mtime_ns) for name in cars for s in [os.stat(os.path.join(path, name))]]
-            return _Contents(path, "cars3d folder", stats, 0, False)
+            stats = [os.stat(os.path.join(path, name)) for name in cars]
+            files = [(name, s.st_size, s.st_mtime_ns) for name, s in zip(cars, stats)]
+            return _Contents(path, "cars3d folder", files, 0, False)
         files, hidden = _folder_files(path)
         images = _images_among(files)
         return _Contents(path, "folder", images, hidden,
@@ -841,7 +849,10 @@ def _image_contents(path):
         with _reading(path, "not a readable zip file"), zipfile.ZipFile(path) as zf:
             files = [(i.filename, i.file_size, i.CRC) for i in zf.infolist() if not i.is_dir()]
             images = _images_among([f for f in files if not _hidden(f[0])])
-            celeba = _is_celeba(images, lambda name: io.BytesIO(zf.read(_zip_member_ok(zf.getinfo(name), path))))
+
+            def member(name):
+                return io.BytesIO(zf.read(_zip_member_ok(zf.getinfo(name), path)))
+            celeba = _is_celeba(images, member)
         return _Contents(path, "zip", images, sum(_hidden(f[0]) for f in files), celeba)
     return _tar_contents(path)
 
@@ -906,12 +917,12 @@ def _folder_files(folder):
         visited.add(real)
         hidden += sum(map(_hidden, folders + names))
         folders[:] = sorted(name for name in folders if not _hidden(name))  # walked in name order
-        prefix = os.path.relpath(where, folder).replace(os.sep, "/")
+        prefix = os.path.relpath(where, folder).replace(os.sep, "/") + "/"
         for name in names:
-            with contextlib.suppress(OSError):  # a broken link: not a file
-                stat = os.stat(os.path.join(where, name))
-                if not _hidden(name) and os.path.isfile(os.path.join(where, name)):
-                    files.append((("" if prefix == "." else prefix + "/") + name, stat.st_size, stat.st_mtime_ns))
+            file = os.path.join(where, name)
+            if not _hidden(name) and os.path.isfile(file):  # a broken link is not a file
+                stat = os.stat(file)
+                files.append(((prefix + name).removeprefix("./"), stat.st_size, stat.st_mtime_ns))
     return files, hidden
 
 
