@@ -28,6 +28,7 @@ import data
 import losses
 import metrics
 import models
+import runtime
 import train
 import traverse
 from data import DataError
@@ -2255,19 +2256,290 @@ def test_evaluate_keys_with_and_without_factors():
     result = metrics.evaluate(codes, np.full_like(codes, -4.0), GRID)
     expected = {"beta_vae_score": {"score", "train_accuracy", "eval_accuracy"},
                 "factor_vae_score": {"score", "train_accuracy", "eval_accuracy", "active_dims"},
-                "dci": {"disentanglement", "completeness", "informativeness_train", "informativeness_test", "importance"},
+                "dci": {"disentanglement", "completeness", "informativeness_train", "informativeness_test",
+                        "importance", "importance_kind"},
                 "sap_score": {"score", "score_matrix"},
                 "modularity_explicitness": {"modularity", "explicitness_train", "explicitness_test"},
-                "gaussian_total_correlation": {"score"}, "mutual_info_score": {"score"}}
+                "gaussian_total_correlation": {"score"}, "mutual_info_score": {"score"},
+                "dcimig": {"dcimig", "gaps", "mi", "entropy"},
+                "irs": {"score", "irs_matrix", "active_dims", "max_deviations"},
+                "downstream": {"error"}}  # 1,152 rows: too few to hold 5,000 out
     assert set(result) == set(expected) | {"mig_discrete", "mig_gaussian"}
     for name, keys in expected.items():
-        assert set(result[name]) == keys, name
+        assert set(result[name]) == keys | {"protocol"}, name
+        assert result[name]["protocol"] == "exact"
     assert result["mig_discrete"]["mig"] == metrics.discrete_mig(codes, GRID)["mig"]
+    assert result["dcimig"]["dcimig"] == metrics.dcimig(codes, GRID)["dcimig"]
     assert result["mig_gaussian"]["mig"] > 0.95 and result["sap_score"]["score_matrix"].shape == (6, 4)
     unlabelled = metrics.evaluate(codes, None)
     assert set(unlabelled) == {"gaussian_total_correlation", "mutual_info_score"}
     assert unlabelled["mutual_info_score"] == result["mutual_info_score"]
-    assert metrics.evaluate(codes, None, GRID)["mig_gaussian"] == {"error": "no logvar given"}
+    assert metrics.evaluate(codes, None, GRID)["mig_gaussian"] == {"error": "no logvar given", "protocol": "exact"}
+    flat = metrics.dlib_names(result)
+    assert flat["discrete_mig"] == result["mig_discrete"]["mig"] and flat["protocol"] == "exact"
+    assert flat["dci_disentanglement"] == result["dci"]["disentanglement"] and "downstream_accuracy_10" not in flat
+
+
+def test_evaluate_refuses_malformed_input_naming_the_argument():
+    codes = known_codes("perfect")
+    logvar = np.zeros_like(codes)
+    nan_codes, inf_logvar = codes.copy(), logvar.copy()
+    nan_codes[3, 1], inf_logvar[0, 0] = np.nan, np.inf
+    cases = [((nan_codes, logvar, GRID), "mu contains non-finite"),
+             ((codes[:, 0], None, GRID), "mu must have shape"),
+             ((codes, logvar[:, :3], GRID), "logvar has shape"),
+             ((codes, logvar[:10], GRID), "logvar has shape"),
+             ((codes, inf_logvar, GRID), "logvar contains non-finite"),
+             ((codes, logvar, GRID[:-1]), "factors has 1151 rows"),
+             ((codes, logvar, GRID[:, :0]), "no factor varies")]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            metrics.evaluate(*args)
+    with pytest.raises(ValueError, match="protocol"):
+        metrics.evaluate(codes, logvar, GRID, protocol="paper")
+
+
+def test_data_without_a_varying_factor_gives_one_line_and_no_warning():
+    mu = np.random.default_rng(0).standard_normal((200, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a NumPy warning fails the test
+        with pytest.raises(ValueError, match=r"factors has shape \(200, 0\): no factor varies"):
+            metrics.evaluate(mu, np.full_like(mu, -1.0), np.zeros((200, 0), np.int64))
+        assert set(metrics.evaluate(mu, np.full_like(mu, -1.0), None)) == {"gaussian_total_correlation",
+                                                                         "mutual_info_score"}
+
+
+def numbers(result):
+    """Every number of an evaluate() result, as plain lists, for equality."""
+    return {name: {k: np.asarray(v).tolist() for k, v in entry.items()} for name, entry in result.items()}
+
+
+def test_factors_of_any_integer_dtype_give_the_same_metrics():
+    codes = known_codes("monotone") + 0.05 * np.random.default_rng(1).normal(size=(len(GRID), 6))
+    expected = numbers(metrics.evaluate(codes, np.full_like(codes, -4.0), GRID))
+    for dtype in (np.uint8, np.int8, np.uint16, np.int16, np.uint32, np.int32, np.uint64):
+        assert numbers(metrics.evaluate(codes, np.full_like(codes, -4.0), GRID.astype(dtype))) == expected, dtype
+
+
+def test_explicitness_logistic_regression_matches_scikit_learn():
+    linear_model = pytest.importorskip("sklearn.linear_model")
+    sk_metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(13)
+    n = 3000
+    factors = np.stack([rng.integers(0, 7, n), rng.integers(0, 2, n)], 1)
+    codes = np.stack([factors[:, 0] + rng.normal(0, 1.5, n), factors[:, 1] + rng.normal(0, 1, n),
+                      rng.normal(size=n)], 1)
+    out = metrics.modularity_explicitness(codes, factors, seed=5)
+    order = np.random.default_rng(5).permutation(n)  # the documented 2:1 split of fewer rows
+    train, test = order[:2 * n // 3], order[2 * n // 3:]
+    mean, std = codes[train].mean(0), codes[train].std(0)
+    aucs = []
+    for k in range(2):
+        model = linear_model.LogisticRegression(C=1.0, tol=1e-10, max_iter=10_000)
+        model.fit((codes[train] - mean) / std, factors[train, k])
+        p = model.predict_proba((codes[test] - mean) / std)
+        aucs.append(sk_metrics.roc_auc_score(np.eye(p.shape[1])[factors[test, k]], p, average="macro"))
+    assert abs(out["explicitness_test"] - np.mean(aucs)) < 1e-4
+
+
+def test_explicitness_of_a_factor_with_many_values_is_fast():
+    rng = np.random.default_rng(0)
+    n, values = 6000, 300
+    factors = np.stack([np.arange(n) % values, rng.integers(0, 3, n)], 1)
+    codes = rng.standard_normal((n, 10))
+    codes[:, 0] += factors[:, 0] / values * 6
+    start = time.perf_counter()
+    out = metrics.modularity_explicitness(codes, factors)
+    assert time.perf_counter() - start < 20 and out["explicitness_test"] > 0.6  # the full Hessian took minutes
+
+
+# -----------------------------------------------------------------------------
+# DCI from gradient-boosted trees, SAP's SVM: against scikit-learn on the same rows
+
+
+def small_factor_codes(n=3000, seed=14):
+    rng = np.random.default_rng(seed)
+    factors = np.stack([rng.integers(0, 3, n), rng.integers(0, 2, n), rng.integers(0, 5, n)], 1)
+    codes = np.stack([factors[:, 0] + 0.4 * rng.normal(size=n), factors[:, 1] + factors[:, 2] * 0.3
+                      + 0.3 * rng.normal(size=n), factors[:, 2] + 0.8 * rng.normal(size=n), rng.normal(size=n)], 1)
+    return codes, factors
+
+
+def test_gbt_importance_matches_scikit_learn():
+    ensemble = pytest.importorskip("sklearn.ensemble")
+    codes, factors = small_factor_codes()
+    out = metrics.dci(codes, factors, importance="gbt", seed=2)
+    order = np.random.default_rng(2).permutation(len(codes))
+    train, test = order[:2000], order[2000:]
+    importance, accuracy = np.zeros((4, 3)), []
+    for k in range(3):
+        model = ensemble.GradientBoostingClassifier(random_state=0).fit(codes[train], factors[train, k])
+        importance[:, k] = model.feature_importances_
+        accuracy.append(np.mean(model.predict(codes[test]) == factors[test, k]))
+    expected = metrics.dci(codes, factors, importance=importance, seed=2)
+    assert out["importance_kind"] == "gbt" and np.abs(out["importance"] - importance).max() < 0.03
+    assert abs(out["disentanglement"] - expected["disentanglement"]) < 0.02
+    assert abs(out["completeness"] - expected["completeness"]) < 0.02
+    assert abs(out["informativeness_test"] - np.mean(accuracy)) < 0.02
+    assert out["disentanglement"] > 0.5 and np.argmax(out["importance"][:, 0]) == 0
+
+
+def test_sap_svm_matches_scikit_learn_linear_svc():
+    svm = pytest.importorskip("sklearn.svm")
+    codes, factors = small_factor_codes(1500)
+    out = metrics.sap_score(codes, factors, seed=3, classifier="svm")
+    order = np.random.default_rng(3).permutation(len(codes))
+    train, test = order[:1000], order[1000:]
+    expected = np.zeros((4, 3))
+    for j in range(4):
+        for k in range(3):
+            model = svm.LinearSVC(C=0.01, class_weight="balanced", tol=1e-10, max_iter=100_000)
+            model.fit(codes[train, j:j + 1], factors[train, k])
+            expected[j, k] = np.mean(model.predict(codes[test, j:j + 1]) == factors[test, k])
+    np.testing.assert_allclose(out["score_matrix"], expected, rtol=0, atol=2 / 500)  # a row or two
+    with pytest.raises(ValueError, match="classifier"):
+        metrics.sap_score(codes, factors, classifier="tree")
+
+
+# -----------------------------------------------------------------------------
+# DCIMIG, IRS, UDR, downstream: known answers and our own float64 references of the formulas
+
+
+def test_dcimig_against_its_definition():
+    rng = np.random.default_rng(15)
+    factors = np.stack([rng.integers(0, 4, 3000), rng.integers(0, 3, 3000)], 1)
+    codes = np.stack([factors[:, 0] + 0.3 * rng.normal(size=3000), factors[:, 0] + factors[:, 1] * 0.5,
+                      rng.normal(size=3000)], 1)
+    out = metrics.dcimig(codes, factors, bins=10)
+    mi = np.array([[brute_discrete_mi(b, f) for f in factors.T] for b in binned_codes(codes, 10)])
+    entropy = [brute_discrete_mi(f, f) for f in factors.T]
+    credit = [0.0, 0.0]  # each code's gap goes to its best factor; a factor keeps its largest
+    for row in mi:
+        credit[int(np.argmax(row))] = max(credit[int(np.argmax(row))], np.max(row) - np.min(row))
+    assert abs(out["dcimig"] - sum(credit) / sum(entropy)) < 1e-9
+    assert metrics.dcimig(GRID + 0.0, GRID)["dcimig"] == pytest.approx(1, abs=1e-12)
+    # one factor in two codes and the other in none: only the first factor's entropy is earned
+    two = metrics.dcimig(np.stack([GRID[:, 0], GRID[:, 0]], 1) + 0.0, GRID[:, :2])
+    h = [brute_discrete_mi(f, f) for f in GRID[:, :2].T]
+    assert two["dcimig"] == pytest.approx(h[0] / sum(h), abs=1e-12)
+
+
+def reference_irs(codes, factors, quantile, factor_bins):
+    """disentanglement_lib's IRS written from its definition, loop by loop."""
+    if factor_bins:
+        factors = np.stack(binned_codes(factors.astype(float), factor_bins), 1)
+    codes = codes[:, codes.var(0) > 0]
+    max_dev = np.abs(codes - codes.mean(0)).max(0)
+    matrix = np.zeros((codes.shape[1], factors.shape[1]))
+    for k in range(factors.shape[1]):
+        values = np.unique(factors[:, k])
+        for v in values:
+            group = codes[factors[:, k] == v]
+            matrix[:, k] += np.quantile(np.abs(group - group.mean(0)), quantile, axis=0) / len(values)
+    best = (1 - matrix / max_dev[:, None]).max(1)
+    return np.sum(best * max_dev) / np.sum(max_dev)
+
+
+def test_irs_against_a_reference_and_known_codes():
+    rng = np.random.default_rng(16)
+    factors = np.stack([rng.integers(0, 40, 4000), rng.integers(0, 5, 4000)], 1)
+    codes = np.stack([factors[:, 0] / 10 + 0.2 * rng.normal(size=4000), factors[:, 1] - factors[:, 0] / 40,
+                      rng.normal(size=4000), np.full(4000, 2.0)], 1)
+    for quantile, bins in ((0.99, 20), (1.0, None), (0.5, 7)):
+        out = metrics.irs(codes, factors, diff_quantile=quantile, factor_bins=bins)
+        assert abs(out["score"] - reference_irs(codes, factors, quantile, bins)) < 1e-12
+    assert list(metrics.irs(codes, factors)["active_dims"]) == [0, 1, 2]
+    assert metrics.irs(GRID + 0.0, GRID)["score"] == pytest.approx(1, abs=1e-12)  # every code fixed by its factor
+    assert metrics.irs(np.ones((len(GRID), 2)), GRID)["score"] == 0.0
+
+
+def relative_strength(m):
+    """Duan et al.'s relative strength, written out."""
+    columns = [max(c) ** 2 / sum(c) if sum(c) > 0 else 0 for c in m.T]
+    rows = [max(r) ** 2 / sum(r) if sum(r) > 0 else 0 for r in m]
+    return (np.mean(columns) + np.mean(rows)) / 2
+
+
+def test_udr_identical_permuted_and_unrelated_models():
+    codes = GRID.astype(float)  # a full grid: exactly uncorrelated columns
+    flipped = -codes[:, [2, 0, 3, 1]] * 3 + 1
+    out = metrics.udr([codes, codes, flipped], np.ones((3, 4)))
+    np.testing.assert_allclose(out["scores"], 1, atol=1e-12)
+    np.testing.assert_allclose(out["pairwise"], 1 - np.eye(3), atol=1e-12)
+    # the Lasso's shrinkage (alpha 0.1 on standardised codes) leaves 0.9 on the diagonal, which the
+    # unnormalised relative strength of disentanglement_lib keeps: identical models score 0.9
+    lasso = metrics.udr([codes, codes], np.ones((2, 4)), correlation="lasso")
+    np.testing.assert_allclose(lasso["scores"], 0.9, atol=1e-9)
+    rng = np.random.default_rng(17)
+    unrelated = metrics.udr([rng.normal(size=(3000, 5)) for _ in range(3)], np.ones((3, 5)))
+    assert np.all(unrelated["scores"] < 0.1)
+    # a latent below the KL threshold is left out of the pair's matrix
+    kl = np.array([[1, 1, 1, 1], [1, 1, 1, 0.001]])
+    partial = metrics.udr([codes, codes], kl)
+    assert partial["pairwise"][0, 1] == pytest.approx(relative_strength(np.eye(4)[:, :3]), abs=1e-12)
+    with pytest.raises(ValueError, match="kl must have shape"):
+        metrics.udr([codes, codes], np.ones((2, 3)))
+    with pytest.raises(ValueError, match="codes\\[1\\] has shape"):
+        metrics.udr([codes, codes[:, :3]], np.ones((2, 4)))
+
+
+def test_udr_against_scikit_learn_lasso_and_spearman():
+    linear_model = pytest.importorskip("sklearn.linear_model")
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(18)
+    base = rng.normal(size=(800, 3))
+    models = [base @ rng.normal(size=(3, 3)) + 0.3 * rng.normal(size=(800, 3)) for _ in range(3)]
+    models[1][:, 2] = np.round(models[1][:, 2])  # ties for the ranks
+    standard = [(m - m.mean(0)) / m.std(0) for m in models]
+    for correlation in ("lasso", "spearman"):
+        out = metrics.udr(models, np.ones((3, 3)), correlation=correlation)
+        for i, j in itertools.permutations(range(3), 2):
+            if correlation == "lasso":
+                fit = linear_model.Lasso(alpha=0.1, tol=1e-12, max_iter=100_000).fit(standard[i], standard[j])
+                matrix = np.abs(fit.coef_).T
+            else:
+                matrix = np.abs(stats.spearmanr(standard[i], standard[j])[0][:3, 3:])
+            assert abs(out["pairwise"][i, j] - relative_strength(matrix)) < 1e-6, (correlation, i, j)
+        assert out["scores"][0] == pytest.approx(np.median(out["pairwise"][1:, 0]), abs=1e-12)
+
+
+def test_downstream_on_known_codes_and_short_data():
+    rows = np.repeat(GRID, 6, 0)  # 6,912 rows: 5,000 held out, 1,912 to train on
+    rng = np.random.default_rng(19)
+    perfect = rows + 0.01 * rng.normal(size=rows.shape)
+    out = metrics.downstream(perfect, rows, train_sizes=(10, 100, 1000, 10000))
+    assert list(out["train_sizes"]) == [10, 100, 1000] and out["skipped_sizes"] == [10000]
+    assert out["sample_efficiency"] is None and out["test_accuracy"].shape == (4, 3)
+    assert out["mean_test_accuracy"][-1] > 0.95  # a clean code: the factors are linearly readable
+    noise = metrics.downstream(rng.normal(size=rows.shape), rows, train_sizes=(1000,))
+    assert noise["mean_test_accuracy"][0] < np.mean([1 / 3, 1 / 6, 1 / 8, 1 / 8]) + 0.05
+    # sample efficiency: the mean accuracy at 100 rows over that at 10,000
+    many = np.repeat(GRID, 14, 0)
+    out = metrics.downstream(many + 0.3 * rng.normal(size=many.shape), many, train_sizes=(100, 10000))
+    assert out["sample_efficiency"] == pytest.approx(out["mean_test_accuracy"][0] / out["mean_test_accuracy"][1])
+    with pytest.raises(ValueError, match="5000 test rows"):
+        metrics.downstream(GRID + 0.0, GRID)
+
+
+# -----------------------------------------------------------------------------
+# the dlib protocol
+
+
+def test_dlib_protocol_mig_is_the_discrete_mig_of_its_10000_points():
+    rng = np.random.default_rng(20)
+    factors = np.stack([rng.integers(0, 3, 6000), rng.integers(0, 2, 6000)], 1)
+    codes = np.stack([factors[:, 0] + 0.3 * rng.normal(size=6000), factors[:, 1] + 0.5 * rng.normal(size=6000),
+                      rng.normal(size=6000)], 1)
+    result = metrics.evaluate(codes, None, factors, seed=4, protocol="dlib")
+    assert {entry["protocol"] for entry in result.values()} == {"dlib"} and "mig_gaussian" not in result
+    points = np.random.default_rng(4).integers(6000, size=10_000)  # drawn with replacement, as documented
+    mig, mi, entropy = brute_discrete_mig(codes[points], factors[points], 20)
+    assert abs(result["mig_discrete"]["mig"] - mig) < 1e-9
+    assert result["dci"]["importance_kind"] == "gbt" and result["dci"]["disentanglement"] > 0.5
+    assert abs(result["irs"]["score"] - reference_irs(codes[points], factors[points], 0.99, 20)) < 1e-12
+    flat = metrics.dlib_names(result)
+    assert flat["protocol"] == "dlib" and flat["discrete_mig"] == result["mig_discrete"]["mig"]
+    assert {"beta_vae_score", "factor_vae_score", "dci_disentanglement", "sap_score", "modularity", "irs"} <= set(flat)
 
 
 # ----------------------------------------------------------------------------- training
@@ -2294,7 +2566,7 @@ def test_training_lowers_the_loss_and_saves_a_plain_checkpoint(tmp_path):
     final = state["final"]
     assert final["samples"] == 384 and set(final["metrics"]) >= {"mig_discrete", "mig_gaussian", "dci"}
     assert 0 <= final["metrics"]["mig_discrete"]["mig"] <= 1
-    model = train.model_from_checkpoint(state)
+    model = runtime.model_from_checkpoint(state)
     assert model(torch.rand(2, 1, 64, 64))[0].shape == (2, 1, 64, 64)
 
 
@@ -2377,7 +2649,9 @@ def test_existing_checkpoint_is_not_overwritten(tmp_path, capsys):
     (["--latents", "0"], "--latents"), (["--model", "gan"], "invalid choice"), (["--lr", "0"], "--lr"),
     (["--capacity", "5"], "betavae"), (["--resume", "--force"], "pick one"), (["--bogus"], "--bogus"),
     (["--lambda-od", "3"], "dipvae"), (["--steps", "x"], "invalid int"), (["--beta", "nan"], "finite"),
-    (["--model", "factorvae", "--gamma", "inf"], "finite"), (["--model", "betavae", "--capacity", "inf"], "finite")])
+    (["--model", "factorvae", "--gamma", "inf"], "finite"), (["--model", "betavae", "--capacity", "inf"], "finite"),
+    (["--seed", "-1"], "--seed -1: a seed must be a whole number from 0 to 4,294,967,295"),
+    (["--seed", str(2**32)], "--seed 4294967296: a seed must be")])
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
     assert_one_line_usage_error(train.main, argv, "train.py", message, capsys)
 
@@ -2394,15 +2668,15 @@ def assert_one_line_usage_error(main, argv, prog, message, capsys):
 
 def test_check_dataset_names_the_problem():
     square_only = data.Dataset(np.zeros((4, 32, 48, 1), np.uint8))
-    with pytest.raises(train.UserError, match=r"own\.npy: images are 32x48; the mlp architecture needs square images"):
-        train.check_dataset(square_only, "mlp", "own.npy")
-    with pytest.raises(train.UserError, match="conv architecture needs 64x64"):
-        train.check_dataset(data.Dataset(np.zeros((4, 32, 32, 1), np.uint8)), "conv", "own.npy")
-    assert train.check_dataset(data.Dataset(np.zeros((4, 32, 32, 3), np.uint8)), "mlp", "x") == (3, 32)
+    with pytest.raises(runtime.UserError, match=r"own\.npy: images are 32x48; the mlp architecture needs square images"):
+        runtime.check_dataset(square_only, "mlp", "own.npy")
+    with pytest.raises(runtime.UserError, match="conv architecture needs 64x64"):
+        runtime.check_dataset(data.Dataset(np.zeros((4, 32, 32, 1), np.uint8)), "conv", "own.npy")
+    assert runtime.check_dataset(data.Dataset(np.zeros((4, 32, 32, 3), np.uint8)), "mlp", "x") == (3, 32)
 
 
 def test_importing_train_leaves_torch_settings_alone():
-    probe = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import train, traverse, bench; "
+    probe = ("import sys, torch; sys.path.insert(0, sys.argv[1]); import runtime, train, traverse, bench; "
              "print(float(torch.tensor([1e-40]) * 1.0))")  # a denormal survives unless flushed
     out = subprocess.run([sys.executable, "-c", probe, HERE], capture_output=True, text=True, check=True)
     assert float(out.stdout) > 0
@@ -2427,7 +2701,7 @@ def test_checkpoint_missing_a_config_entry_is_filled_or_named(tmp_path, capsys):
 
 @pytest.mark.parametrize("entry,value,expected", [
     ("batch_size", "8", "a whole number >= 1"), ("beta", "six", "a number >= 0"), ("lr", -1.0, "a number > 0"),
-    ("precision", "fp64", "one of fp32, bf16, fp16"), ("estimator", "zzz", "one of mws, mss"), ("seed", None, "a whole number"),
+    ("precision", "fp64", "one of fp32, bf16, fp16"), ("estimator", "zzz", "one of mws, mss"), ("seed", None, "a whole number from 0 to 4294967295"),
     ("latents", True, "a whole number >= 1"), ("factor_sizes", "abc", "a list of whole numbers")])
 def test_checkpoint_config_entry_of_the_wrong_kind_is_named_in_one_line(tmp_path, capsys, entry, value,
                                                                          expected):
@@ -2468,11 +2742,132 @@ def test_a_signal_during_the_final_evaluation_skips_it_at_once(tmp_path, monkeyp
     assert state["step"] == 6 and "final" not in state
 
 
-def test_resume_rejects_a_different_latent_count(tmp_path, capsys):
+def test_resume_refuses_settings_that_define_the_run_in_one_line(tmp_path, capsys):
     assert run_train(tmp_path)[0] == 0
-    with pytest.raises(SystemExit) as exit_info:
-        run_train(tmp_path, "--resume", "--latents", "4", "--steps", "8")
-    assert exit_info.value.code == 2 and "latents" in capsys.readouterr().err
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    capsys.readouterr()
+    code, out = run_train(tmp_path, "--resume", "--latents", "4", "--seed", "3", "--steps", "8")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and (tmp_path / "ckpt.pt").read_bytes() == before
+    assert err[0] == (f"error: --resume: --latents 4, --seed 3 cannot change on resume (the "
+                      f"checkpoint {out} has latents 10, seed 0); leave it out to resume, or start "
+                      "a new run")
+
+
+def test_resumed_run_says_in_one_line_what_the_command_line_changed(tmp_path, capsys):
+    assert run_train(tmp_path, "--steps", "2")[0] == 0
+    capsys.readouterr()
+    code, out = run_train(tmp_path, "--resume", "--steps", "4", "--lr", "5e-4", "--beta", "6")
+    lines = capsys.readouterr().err.splitlines()
+    assert code == 0 and lines[1] == "resuming at step 2 with changed settings: lr 0.001 -> 0.0005, steps 2 -> 4"
+    state = load(out)  # the changed learning rate is the one Adam stepped with, and is kept
+    assert state["config"]["lr"] == 5e-4 and state["optimizer"]["param_groups"][0]["lr"] == 5e-4
+    assert state["config"]["beta"] == 6.0 and state["step"] == 4
+    assert train.main(["--resume", "--out", out, "--steps", "5"]) == 0
+    assert "resuming at step 4 with the same settings" in capsys.readouterr().err
+    assert load(out)["config"]["lr"] == 5e-4  # left out: the checkpoint's value, not the default
+
+
+def test_run_config_settles_every_setting_once(tmp_path):
+    dataset = data.load(TINY)
+    _, args = train._parse_args(["--data", TINY, "--latents", "3", "--amp", "--epochs", "2",
+                                 "--batch-size", "16", "--out", str(tmp_path / "c.pt")])
+    config = train.run_config(args, dataset)
+    assert config["latents"] == 3 and config["model"] == "betatc" and config["beta"] == 6.0
+    assert config["precision"] == "bf16" and config["recon"] == "bce"  # --amp on the CPU; 1 channel
+    assert config["steps"] == 48  # 2 epochs of 384 images in batches of 16
+    assert config["channels"] == 1 and config["size"] == 64 and config["dataset_size"] == 384
+    assert config["data_fingerprint"] == runtime.data_fingerprint(dataset)
+    assert config["out"] == str(tmp_path / "c.pt") and runtime.config_problem(config) is None
+    _, args = train._parse_args(["--precision", "fp16", "--out", str(tmp_path / "c.pt")])
+    with pytest.raises(runtime.ArgumentError, match="fp16 needs CUDA"):
+        train.run_config(args, dataset)
+
+
+def write_images(path, images, factors=None):
+    arrays = {"images": images} if factors is None else {"images": images, "factors": factors}
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def test_resume_refuses_other_data_naming_both(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    gray = write_images(tmp_path / "gray.npz", rng.integers(0, 256, (16, 64, 64, 1), dtype=np.uint8))
+    colour = write_images(tmp_path / "colour.npz", rng.integers(0, 256, (16, 64, 64, 3), dtype=np.uint8))
+    other = write_images(tmp_path / "other.npz", rng.integers(0, 256, (16, 64, 64, 1), dtype=np.uint8))
+    small = ["--model", "vae", "--batch-size", "8", "--steps", "2", "--latents", "3"]
+    assert run_train(tmp_path, "--data", gray, *small)[0] == 0
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    capsys.readouterr()
+    for data_path, differs in ((colour, "channels 3 here, 1 in the checkpoint"),
+                               (other, "data_fingerprint ")):  # same shape and count: other images
+        code, out = run_train(tmp_path, "--resume", "--data", data_path, "--steps", "3")
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and differs in err[0], err
+        assert f"{data_path} is not the data of the checkpoint {out} ({gray})" in err[0]
+        assert (tmp_path / "ckpt.pt").read_bytes() == before
+    moved = tmp_path / "moved.npz"  # the same data in another place resumes, and is said
+    moved.write_bytes(open(gray, "rb").read())
+    assert run_train(tmp_path, "--resume", "--data", str(moved), "--steps", "3")[0] == 0
+    assert f"data {gray} -> {moved}" in capsys.readouterr().err
+    assert load(tmp_path / "ckpt.pt")["config"]["data"] == str(moved)
+
+
+def test_a_checkpoint_without_a_fingerprint_still_resumes(tmp_path):
+    code, out = run_train(tmp_path, "--steps", "2")
+    without_config_entry(out, "data_fingerprint")  # as written before fingerprints were kept
+    assert train.main(["--resume", "--out", out, "--steps", "3"]) == 0
+    assert load(out)["config"]["data_fingerprint"] == runtime.data_fingerprint(data.load(TINY))
+
+
+def test_data_path_is_kept_absolute_and_a_missing_one_says_where_it_came_from(tmp_path, monkeypatch,
+                                                                            capsys):
+    images = np.random.default_rng(1).integers(0, 256, (16, 64, 64, 1), dtype=np.uint8)
+    (tmp_path / "run").mkdir()
+    write_images(tmp_path / "run" / "own.npz", images)
+    monkeypatch.chdir(tmp_path / "run")
+    assert train.main(["--data", "own.npz", "--model", "vae", "--batch-size", "8", "--steps", "2",
+                       "--latents", "3", "--out", "ckpt.pt"]) == 0
+    out = str(tmp_path / "run" / "ckpt.pt")
+    assert load(out)["config"]["data"] == str(tmp_path / "run" / "own.npz")
+    monkeypatch.chdir(tmp_path)  # from another folder
+    assert traverse.main([out, "--out", str(tmp_path / "pictures")]) == 0
+    assert train.main(["--resume", "--out", out, "--steps", "3"]) == 0
+    os.rename(tmp_path / "run" / "own.npz", tmp_path / "own-elsewhere.npz")
+    capsys.readouterr()
+    assert traverse.main([out]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "comes from the checkpoint" in err and "--data" in err and len(err.splitlines()) == 1
+    assert train.main(["--resume", "--out", out, "--data", "own-elsewhere.npz", "--steps", "4"]) == 0
+
+
+def test_a_relative_data_path_of_an_older_checkpoint_is_found_beside_it(tmp_path, monkeypatch):
+    images = np.random.default_rng(2).integers(0, 256, (16, 64, 64, 1), dtype=np.uint8)
+    write_images(tmp_path / "own.npz", images)
+    monkeypatch.chdir(tmp_path)
+    assert train.main(["--data", "own.npz", "--model", "vae", "--batch-size", "8", "--steps", "2",
+                       "--latents", "3", "--out", "ckpt.pt"]) == 0
+    state = load(tmp_path / "ckpt.pt")
+    state["config"]["data"] = "own.npz"  # as older versions stored it
+    torch.save(state, tmp_path / "ckpt.pt")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert train.main(["--resume", "--out", str(tmp_path / "ckpt.pt"), "--steps", "3"]) == 0
+    assert load(tmp_path / "ckpt.pt")["config"]["data"] == str(tmp_path / "own.npz")
+
+
+def test_data_fingerprint_tells_images_apart_and_reads_a_sample():
+    images = np.random.default_rng(3).integers(0, 256, (1000, 8, 8, 1), dtype=np.uint8)
+    same = runtime.data_fingerprint(data.Dataset(images.copy()))
+    assert same == runtime.data_fingerprint(data.Dataset(images)) and len(same) == 16
+    changed = images.copy()
+    changed[999, 0, 0, 0] ^= 1  # the last row is always hashed
+    assert runtime.data_fingerprint(data.Dataset(changed)) != same
+    assert runtime.data_fingerprint(data.Dataset(images[:999])) != same  # another count
+    import hashlib  # the documented recipe, computed here independently
+    rows = np.unique(np.linspace(0, 999, 64).round().astype(int))
+    digest = hashlib.sha256(repr(images.shape).encode() + images[rows].tobytes()).hexdigest()
+    assert same == digest[:16]
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_good_state(tmp_path, monkeypatch, capsys):
@@ -2501,7 +2896,7 @@ def test_skip_nonfinite_gives_up_on_endless_nan(tmp_path, monkeypatch, capsys):
 
 def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
     path = str(tmp_path / "c.pt")
-    train.save_checkpoint(path, {"format": train.CHECKPOINT_FORMAT, "step": 1})
+    runtime.save_checkpoint(path, {"format": runtime.CHECKPOINT_FORMAT, "step": 1})
 
     def crash(obj, f):
         f.write(b"partial")
@@ -2509,7 +2904,7 @@ def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError):
-        train.save_checkpoint(path, {"step": 2})
+        runtime.save_checkpoint(path, {"step": 2})
     assert load(path)["step"] == 1 and os.listdir(tmp_path) == ["c.pt"]
 
 
@@ -2523,8 +2918,8 @@ def test_foreign_checkpoints_give_clear_errors(tmp_path):
              "evil.pt": lambda p: torch.save({"x": Evil()}, p)}
     for name, make in cases.items():
         make(tmp_path / name)
-        with pytest.raises(train.UserError, match=name):
-            train.load_checkpoint(str(tmp_path / name))
+        with pytest.raises(runtime.UserError, match=name):
+            runtime.load_checkpoint(str(tmp_path / name))
     assert not (tmp_path / "pwned").exists()
 
 
@@ -2637,9 +3032,9 @@ def traversed(tmp_path_factory):
     with redirect_stdout(printed):
         assert traverse.main([checkpoint, "--out", str(folder / "grids"), "--metrics", "--steps", "5",
                               "--range", "20", "--codes", str(folder / "codes.npz")]) == 0
-    model = train.model_from_checkpoint(load(checkpoint)).eval()
+    model = runtime.model_from_checkpoint(load(checkpoint)).eval()
     dataset = data.load(TINY)
-    mu, logvar = train.encode_dataset(model, train.ImageSource(dataset.images, torch.device("cpu")))
+    mu, logvar = runtime.encode_dataset(model, runtime.ImageSource(dataset.images, torch.device("cpu")))
     return dict(folder=folder, checkpoint=checkpoint, printed=printed.getvalue(), model=model,
                 dataset=dataset, mu=mu, logvar=logvar)
 
@@ -2761,7 +3156,7 @@ def test_traverse_metrics_without_factors_are_label_free(traversed, tmp_path, ca
             "--steps", "2", "--out", str(tmp_path / "g")]
     assert traverse.main(argv) == 0
     report = json.loads((tmp_path / "g" / "metrics.json").read_text())
-    mu, logvar = train.encode_dataset(traversed["model"], train.ImageSource(images, torch.device("cpu")))
+    mu, logvar = runtime.encode_dataset(traversed["model"], runtime.ImageSource(images, torch.device("cpu")))
     assert_same_numbers(report["metrics"], metrics.evaluate(mu, logvar))
     assert set(report["metrics"]) == {"gaussian_total_correlation", "mutual_info_score"}
     assert not (tmp_path / "g" / "mi.png").exists() and "label-free" in capsys.readouterr().out
@@ -2771,7 +3166,9 @@ def test_traverse_metrics_without_factors_are_label_free(traversed, tmp_path, ca
     (["c.pt", "--steps", "1"], "--steps"), (["c.pt", "--range", "0"], "--range"),
     (["c.pt", "--range", "nan"], "--range"), (["c.pt", "--stats-subset", "0"], "--stats-subset"),
     (["c.pt", "--image", "-1"], "--image"), (["c.pt", "--bogus"], "--bogus"),
-    (["c.pt", "--device", "tpu"], "invalid choice"), ([], "checkpoint")])
+    (["c.pt", "--device", "tpu"], "invalid choice"), ([], "checkpoint"),
+    (["c.pt", "--seed", "-1"], "--seed -1: a seed must be a whole number from 0 to 4,294,967,295"),
+    (["c.pt", "--seed", str(2**64)], "a seed must be")])
 def test_traverse_bad_arguments_exit_2_with_one_line(argv, message, capsys):
     assert_one_line_usage_error(traverse.main, argv, "traverse.py", message, capsys)
     assert traverse.parse_args(["c.pt", "--mig"]).metrics  # the former name of --metrics
@@ -2807,6 +3204,47 @@ def test_bench_and_the_examples_report_a_bad_argument_in_one_line(capsys):
         err = run.stderr.strip().splitlines()
         assert run.returncode == 2 and len(err) == 1 and err[0].startswith(f"{script}: error:"), run.stderr
         assert "--bogus" in err[0] and err[0].endswith("(see --help)")
+
+def test_metric_properties_runs_where_torch_is_not_installed(tmp_path):
+    script = os.path.join(HERE, "examples", "metric_properties.py")
+    blocked = ("import runpy, sys; sys.modules['torch'] = None  # 'import torch' now fails\n"
+               f"sys.argv = [{script!r}, '--data', 'sprites:positions=2,orientations=2,scales=2', "
+               f"'--out', {str(tmp_path)!r}]\nrunpy.run_path(sys.argv[0], run_name='__main__')")
+    run = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, cwd=HERE)
+    assert run.returncode == 0, run.stderr[-2000:]
+    table = json.load(open(tmp_path / "metric_properties.json"))
+    assert table["rows"] == 48 and table["table"]["perfect"]["DCI dis."] > 0.9
+    probe = subprocess.run([sys.executable, "-c", "import sys; sys.modules['torch'] = None; import torch"],
+                           capture_output=True, text=True)
+    assert probe.returncode != 0 and "ModuleNotFoundError" in probe.stderr  # the block is real
+
+
+def imported_modules(path):
+    import ast
+    tree = ast.parse(open(path).read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_commands_share_runtime_and_import_no_name_from_train():
+    commands = ["traverse.py", "bench.py", "examples/reproduce.py", "examples/metric_properties.py"]
+    for command in commands:
+        assert "train" not in imported_modules(os.path.join(HERE, command)), command
+    assert "runtime" in imported_modules(os.path.join(HERE, "train.py"))
+    toolkit = {"data", "losses", "metrics", "models", "h5", "train", "traverse", "bench", "runtime"}
+    assert imported_modules(os.path.join(HERE, "runtime.py")) & toolkit == {"data", "losses", "metrics",
+                                                                           "models"}
+
+
+def test_study_refuses_a_seed_out_of_range_in_one_line(tmp_path, capsys):
+    assert_one_line_usage_error(reproduce.main, ["run", "--seeds", "0", "-1", "--out", str(tmp_path),
+                                                 "--dry-run"], "reproduce.py", "--seeds -1", capsys)
+
 
 # the study runner, examples/reproduce.py
 
@@ -2983,7 +3421,7 @@ def fake_checkpoint(path, model, seed, final, beta=6.0, data="sprites", size=100
               "data": data, "steps": 5000, "dataset_size": size, "dataset_name": data, "arch": "conv",
               "channels": 1, "size": 64, "batch_size": 64, "recon": "bce",
               "factor_names": ["shape", "posX"], "factor_sizes": [3, 32]}
-    state = {"format": train.CHECKPOINT_FORMAT, "config": config, "step": step, "model": {}, "optimizer": {}}
+    state = {"format": runtime.CHECKPOINT_FORMAT, "config": config, "step": step, "model": {}, "optimizer": {}}
     torch.save(state if final is None else {**state, "final": final}, path)
 
 
