@@ -764,7 +764,7 @@ def _load_images(path, size=64, crop="default", cache_dir=None):
     members = () if contents.kind == "tar" else contents.files
     cache = _cache_file(path, _image_tag(size, crop, contents.celeba), cache_dir, members)
     count, crop = len(contents.files), _crop_used(crop, contents.celeba)
-    images = _cached(cache, lambda s: s[0] == count and _decoded_shape(s, size),
+    images = _cached(cache, lambda s: _decoded_shape(s, size) and s[0] == count,
                      lambda f: _write_decoded(f, contents, size, crop),
                      nbytes=len(_npy_header((count, size, size, 3))) + count * size * size * 3)
     return _images_dataset(path, images, crop, contents.celeba)
@@ -871,7 +871,8 @@ def _tar_contents(path):
     if cars:
         return _Contents(path, "cars3d tar", cars, hidden, False)
     images = _images_among(files)
-    return _Contents(path, "tar", images, hidden, _is_celeba(images, lambda name: io.BytesIO(sample[0])))
+    celeba = _is_celeba(images, lambda name: io.BytesIO(sample[0]))  # every name matched: sampled
+    return _Contents(path, "tar", images, hidden, celeba)
 
 
 def _images_among(files):
