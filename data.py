@@ -1423,8 +1423,13 @@ def _load_mpi3d(path):
     real3d_complicated_shapes_ordered (rr-learning/disentanglement_dataset's README:
     array.reshape([6,6,2,3,3,40,40,64,64,3])). An .npz of another count or kind that is not named
     like a published file is read as any other .npz (_load_npz)."""
-    formats = _fileformats(path)
     named = os.path.basename(path).lower().startswith(_MPI3D_FILES)
+    try:
+        formats = _fileformats(path)
+    except DataError:
+        if named:
+            raise
+        return _load_npz(path)  # data.py alone: any images-only .npz, read in full
     with _formats_errors():
         members = formats.npz_members(path)
         shape, dtype, _ = members.get("images", ((), None, False))
