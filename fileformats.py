@@ -2,16 +2,19 @@
 so this file can be copied alone into any project.
 
     import fileformats
-    images = fileformats.npz_array("mpi3d_real.npz", "images")   # memory-mapped: the member is stored
-    fileformats.npz_members("mpi3d_real.npz")   # {'images': ((1036800, 64, 64, 3), dtype('uint8'), True)}
+    images = fileformats.npz_rows("mpi3d_real.npz", "images")   # images[index] reads those rows
+    fileformats.npz_members("mpi3d_real.npz")
+    # {'images': ((1036800, 64, 64, 3), dtype('uint8'), True)}: stored, so read in place
     cat = fileformats.read_norb("smallnorb-5x46789x9x18x6x2x96x96-training-cat.mat.gz")
     for start, block in fileformats.norb_blocks("smallnorb-...-training-dat.mat", rows=1000): ...
 
 - NumPy's .npz archives (a zip of .npy files). `np.load(path, mmap_mode="r")` memory-maps .npy
-  files but reads every .npz member into memory; `npz_array` memory-maps a member stored without
-  compression (ZIP_STORED, as `np.savez` writes) in place inside the zip: the member's data starts
-  after its local file header (PKWARE's APPNOTE.TXT, section 4.3.7) and the .npy header (NumPy's
-  "NPY format", versions 1.0 to 3.0). Deflated members (`np.savez_compressed`) are read in full.
+  files but reads every .npz member into memory. A member stored without compression (ZIP_STORED,
+  as `np.savez` writes) lies in the zip as it is: its data starts after its local file header
+  (PKWARE's APPNOTE.TXT, section 4.3.7) and the .npy header (NumPy's "NPY format", versions 1.0
+  to 3.0). `npz_rows` gives it as StoredRows, which reads the rows asked for with os.pread (the
+  process then holds only those), `npz_array` as an np.memmap. Deflated members
+  (`np.savez_compressed`) are read in full.
 - NORB's binary matrices (LeCun et al. 2004, "small NORB" page, "file format"): a little-endian
   int32 magic number giving the element type, an int32 ndim, max(3, ndim) int32 dimensions (unused
   ones are 1), then the elements in C order; plain or gzip-compressed (.gz).
@@ -27,7 +30,8 @@ import zlib
 
 import numpy as np
 
-__all__ = ["FormatError", "npz_members", "npz_array", "npz_rows", "StoredRows", "NORB_TYPES", "read_norb", "norb_blocks"]
+__all__ = ["FormatError", "npz_members", "npz_array", "npz_rows", "StoredRows",
+           "NORB_TYPES", "read_norb", "norb_blocks"]
 
 
 class FormatError(ValueError):
@@ -148,7 +152,8 @@ class StoredRows:
 
     def __init__(self, path, offset, dtype, shape):
         self.path, self.offset, self.dtype, self.shape = path, offset, np.dtype(dtype), tuple(shape)
-        self.ndim, self.row_bytes = len(self.shape), int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self.ndim = len(self.shape)
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
         self.nbytes = self.row_bytes * self.shape[0]
         self._fd = os.open(path, os.O_RDONLY)
 
@@ -192,6 +197,9 @@ class StoredRows:
 
 def _read_member(zf, info, where):
     """A deflated (or unmapped) member read in full; zipfile checks its CRC at the end."""
+    ratio = 1 if info.compress_type == zipfile.ZIP_STORED else 1100  # deflate expands <= 1032x
+    if info.file_size > ratio * info.compress_size + 1024:  # before allocating what it claims
+        raise FormatError(f"{where}: claims {info.file_size} bytes from {info.compress_size} (corrupt)")
     try:
         with zf.open(info) as f:
             shape, fortran_order, dtype = _npy_header(f, where)
@@ -276,7 +284,8 @@ def read_norb(path, mmap_mode="r"):
     except (OSError, EOFError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
         raise FormatError(f"{path}: unreadable ({type(error).__name__}: {error})") from error
     if len(data) != count * dtype.itemsize:
-        raise FormatError(f"{path}: {len(data)} bytes of data do not hold a {dtype} matrix of shape {shape}")
+        raise FormatError(f"{path}: {len(data)} bytes of data do not hold a {dtype} matrix "
+                          f"of shape {shape}")
     return np.frombuffer(data, dtype).reshape(shape)
 
 
@@ -303,7 +312,8 @@ def norb_blocks(path, rows=1024):
                     count = min(rows, shape[0] - start)
                     data = f.read(count * row_bytes)
                     if len(data) != count * row_bytes:
-                        raise FormatError(f"{path}: truncated at row {start + len(data) // max(row_bytes, 1)} "
+                        row = start + len(data) // max(row_bytes, 1)
+                        raise FormatError(f"{path}: truncated at row {row} "
                                           f"of {shape[0]}")
                     yield start, np.frombuffer(data, dtype).reshape((count,) + tuple(shape[1:]))
                 if f.read(1):
