@@ -5,8 +5,9 @@
     python bench.py --only evaluation --checkpoint runs/sprites/sprites-betatc-beta6-seed0-5000.pt
     python bench.py --only cuda              # on a CUDA machine: AMP against fp32, speeds
 
-Speeds are medians over interleaved rounds, measured in this one process; read them as ratios
-(absolute figures drift with the machine's load). Memory figures come from fresh subprocesses.
+Speeds are medians over interleaved rounds, measured in this process (train.py's own in the
+subprocesses it runs in); read them as ratios (absolute figures drift with the machine's load).
+Memory figures come from fresh subprocesses. Needs the toolkit's runtime.py and leaf modules.
 """
 import os
 import statistics
@@ -21,7 +22,7 @@ import torch
 import data
 import losses
 import metrics
-import train
+import runtime
 
 BENCH_DATA = "sprites:positions=16"  # 184,320 images: a dSprites-like grid at a quarter the size
 ROWS = []
@@ -36,7 +37,7 @@ def row(what, value, how):
 
 def make_model(arch, channels=1):
     """The model train.py builds for 64x64 images, 10 latents."""
-    return train.build_model({"arch": arch, "latents": 10, "channels": channels, "size": 64, "model": "betatc"})
+    return runtime.build_model({"arch": arch, "latents": 10, "channels": channels, "size": 64, "model": "betatc"})
 
 
 def bare_step_rate(arch, precision, batch_size, steps, objective="betatc", images=None, seed=0):
@@ -45,7 +46,7 @@ def bare_step_rate(arch, precision, batch_size, steps, objective="betatc", image
     model = make_model(arch)
     optimizer = torch.optim.Adam(model.parameters(), lr=5e-4, foreach=True)
     rng = np.random.default_rng(seed)
-    batches = [train.to_float(torch.from_numpy(images[np.sort(rng.choice(len(images), batch_size,
+    batches = [runtime.to_float(torch.from_numpy(images[np.sort(rng.choice(len(images), batch_size,
                                                                           replace=False))]))
                for _ in range(8)]
     dtype = torch.bfloat16 if precision == "bf16" else None
@@ -63,7 +64,7 @@ def bare_step_rate(arch, precision, batch_size, steps, objective="betatc", image
 
 
 def train_loop_rate(arch, precision, batch_size, steps, folder, seed=0, device="cpu"):
-    """train.py itself, in this process: its progress rate covers the training loop only."""
+    """train.py itself: the rate it saves covers its training loop only (not start-up or evaluation)."""
     out = os.path.join(folder, f"bench-{arch}-{precision}.pt")
     argv = ["--data", BENCH_DATA, "--arch", arch, "--precision", precision, "--batch-size",
             str(batch_size), "--steps", str(steps), "--out", out, "--force", "--log-every",
@@ -75,7 +76,7 @@ def train_loop_rate(arch, precision, batch_size, steps, folder, seed=0, device="
 
 def bench_training(steps, rounds, folder):
     images = data.load(BENCH_DATA).images
-    native_bf16 = train.encoding_precision(torch.device("cpu")) is not None
+    native_bf16 = runtime.encoding_precision(torch.device("cpu")) is not None
     for arch in ("conv", "mlp"):
         for precision in ("fp32", "bf16"):
             # bf16 emulated (AVX2-only CPUs) is ~10x slower: a shorter measurement, and said so
@@ -117,7 +118,7 @@ def bench_denormals(steps):
     def run(n):
         start = time.perf_counter()
         for _ in range(n):
-            x = train.to_float(torch.from_numpy(images[np.sort(rng.choice(len(images), 64, replace=False))]))
+            x = runtime.to_float(torch.from_numpy(images[np.sort(rng.choice(len(images), 64, replace=False))]))
             logits, mu, logvar, z = model(x)
             loss, _ = losses.objective("betatc", x, logits, mu, logvar, z, dataset_size=len(images))
             optimizer.zero_grad(set_to_none=True)
@@ -135,17 +136,17 @@ def bench_denormals(steps):
 
 
 def bench_encoding(count, rounds):
-    """train.encode_dataset's speed by precision and batch size (bf16 at 256 is its default)."""
+    """runtime.encode_dataset's speed by precision and batch size (bf16 at 256 is its default)."""
     images = data.load(BENCH_DATA).images[:count]
     model = make_model("conv")
-    source = train.ImageSource(images, torch.device("cpu"))
+    source = runtime.ImageSource(images, torch.device("cpu"))
     rates = {}
     settings = [("fp32", None, 1024), ("fp32", None, 256), ("bf16", torch.bfloat16, 1024),
                 ("bf16", torch.bfloat16, 256), ("bf16", torch.bfloat16, 128)]
     for _ in range(rounds):  # interleaved rounds
         for name, dtype, batch_size in settings:
             start = time.perf_counter()
-            train.encode_dataset(model, source, batch_size=batch_size, dtype=dtype)
+            runtime.encode_dataset(model, source, batch_size=batch_size, dtype=dtype)
             rates.setdefault((name, batch_size), []).append(count / (time.perf_counter() - start))
     base = statistics.median(rates[("fp32", 1024)])
     for (name, batch_size), values in rates.items():
@@ -160,8 +161,8 @@ def trained_model(checkpoint, steps, folder):
         checkpoint = os.path.join(folder, "bench-trained.pt")
         quiet(["--data", "sprites", "--steps", str(steps), "--precision", "bf16", "--out", checkpoint,
                "--force", "--final-eval", "1000", "--log-every", str(steps)])
-    state = train.load_checkpoint(checkpoint)
-    return train.model_from_checkpoint(state, checkpoint), state["config"]
+    state = runtime.load_checkpoint(checkpoint)
+    return runtime.model_from_checkpoint(state, checkpoint), state["config"]
 
 
 def bench_evaluation(checkpoint, steps, folder, accuracy_rows):
@@ -170,18 +171,18 @@ def bench_evaluation(checkpoint, steps, folder, accuracy_rows):
     means, on a fixed random subset of `accuracy_rows` images (bf16 is slow where it is emulated)."""
     model, config = trained_model(checkpoint, steps, folder)
     dataset = data.load(config["data"], limit=config["data_limit"], seed=config["seed"])
-    source, index = train.ImageSource(dataset.images, torch.device("cpu")), np.arange(len(dataset))
-    precision = {None: "fp32", torch.bfloat16: "bf16"}[train.encoding_precision(torch.device("cpu"))]
+    source, index = runtime.ImageSource(dataset.images, torch.device("cpu")), np.arange(len(dataset))
+    precision = {None: "fp32", torch.bfloat16: "bf16"}[runtime.encoding_precision(torch.device("cpu"))]
     start = time.perf_counter()
-    mu, logvar = train.encode_dataset(model, source)
+    mu, logvar = runtime.encode_dataset(model, source)
     encoded = time.perf_counter()
-    train.evaluate_codes(mu, logvar, dataset, index, seed=0)
+    runtime.evaluate_codes(mu, logvar, dataset, index, seed=0)
     done = time.perf_counter()
     row(f"final evaluation of {len(dataset):,} images", f"{done - start:.1f} s",
         f"encoding {encoded - start:.1f} s ({precision}, {len(dataset) / (encoded - start):,.0f} img/s) "
         f"+ every metric {done - encoded:.1f} s")
-    rows = train.evaluation_index(dataset, accuracy_rows, seed=0)
-    codes = {name: train.encode_dataset(model, source, rows, dtype=dtype)
+    rows = runtime.evaluation_index(dataset, accuracy_rows, seed=0)
+    codes = {name: runtime.encode_dataset(model, source, rows, dtype=dtype)
              for name, dtype in (("bf16", torch.bfloat16), ("fp32", None))}
     trained = "given checkpoint" if checkpoint else f"{steps} training steps"
     for name, mig in (("discrete", lambda c: metrics.discrete_mig(c[0], dataset.factors[rows])),
@@ -230,13 +231,11 @@ def bench_cuda(folder, steps, device="cuda"):
 
 
 def quiet(argv):
-    """train.main(argv) with its stdout silenced."""
-    stdout, sys.stdout = sys.stdout, open(os.devnull, "w")
-    try:
-        assert train.main(argv) == 0
-    finally:
-        sys.stdout.close()
-        sys.stdout = stdout
+    """python train.py ARGV in a subprocess, its output kept unless it fails (then it is shown)."""
+    train_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py")
+    done = subprocess.run([sys.executable, train_py, *argv], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"train.py {' '.join(argv)} failed:\n{done.stderr[-2000:]}")
 
 
 # ----------------------------------------------------------------------------- metrics and data
@@ -367,9 +366,9 @@ GROUPS = ("training", "tc", "denormals", "encoding", "evaluation", "end-to-end",
 
 
 def main(argv=None):
-    p = train.ArgumentParser(prog="bench.py", description="Measure training throughput (train.py against the bare "
+    p = runtime.ArgumentParser(prog="bench.py", description="Measure training throughput (train.py against the bare "
                              "model step), the TC estimator's cost, encoding, the final evaluation, "
-                             "MIG and data loading; prints one table.", formatter_class=train.HelpFormatter)
+                             "MIG and data loading; prints one table.", formatter_class=runtime.HelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer steps and rounds, smaller inputs (a few minutes)")
     p.add_argument("--only", nargs="*", choices=GROUPS, help="run only these groups of rows")
     p.add_argument("--checkpoint", help="evaluation: time this trained model (default: train one "
@@ -378,7 +377,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.eval_steps < 1:
         p.error("--eval-steps must be positive")
-    return train.report_errors(lambda: run_groups(args))
+    return runtime.report_errors(lambda: run_groups(args))
 
 
 def run_groups(args):

@@ -2764,8 +2764,10 @@ def test_resumed_run_says_in_one_line_what_the_command_line_changed(tmp_path, ca
     assert state["config"]["lr"] == 5e-4 and state["optimizer"]["param_groups"][0]["lr"] == 5e-4
     assert state["config"]["beta"] == 6.0 and state["step"] == 4
     assert train.main(["--resume", "--out", out, "--steps", "5"]) == 0
-    assert "resuming at step 4 with the same settings" in capsys.readouterr().err
+    assert "resuming at step 4 with changed settings: steps 4 -> 5\n" in capsys.readouterr().err
     assert load(out)["config"]["lr"] == 5e-4  # left out: the checkpoint's value, not the default
+    assert train.main(["--resume", "--out", out]) == 0
+    assert "resuming at step 5 with the same settings\n" in capsys.readouterr().err
 
 
 def test_run_config_settles_every_setting_once(tmp_path):
@@ -3208,12 +3210,12 @@ def test_bench_and_the_examples_report_a_bad_argument_in_one_line(capsys):
 def test_metric_properties_runs_where_torch_is_not_installed(tmp_path):
     script = os.path.join(HERE, "examples", "metric_properties.py")
     blocked = ("import runpy, sys; sys.modules['torch'] = None  # 'import torch' now fails\n"
-               f"sys.argv = [{script!r}, '--data', 'sprites:positions=2,orientations=2,scales=2', "
+               f"sys.argv = [{script!r}, '--data', 'sprites:positions=8,orientations=10,scales=6', "
                f"'--out', {str(tmp_path)!r}]\nrunpy.run_path(sys.argv[0], run_name='__main__')")
     run = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, cwd=HERE)
     assert run.returncode == 0, run.stderr[-2000:]
     table = json.load(open(tmp_path / "metric_properties.json"))
-    assert table["rows"] == 48 and table["table"]["perfect"]["DCI dis."] > 0.9
+    assert table["rows"] == 3 * 6 * 10 * 8 * 8 and table["table"]["perfect"]["DCI dis."] > 0.9
     probe = subprocess.run([sys.executable, "-c", "import sys; sys.modules['torch'] = None; import torch"],
                            capture_output=True, text=True)
     assert probe.returncode != 0 and "ModuleNotFoundError" in probe.stderr  # the block is real

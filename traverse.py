@@ -23,8 +23,9 @@ posterior means and log-variances, float32 (N, latents); for labelled data also 
 (N, K), `factor_names`, a unicode array (K,), and `factor_sizes`, int64 (K,).
 
 The model is rebuilt from the checkpoint alone; the data comes from the checkpoint's config unless
---data is given. Needs torch, numpy, pillow, and the toolkit's train.py (its shared runtime),
-data.py, losses.py and metrics.py.
+--data is given (a relative path stored by an older train.py is also looked for beside the
+checkpoint). Needs torch, numpy, pillow, and the toolkit's runtime.py (what the commands share),
+data.py, losses.py, metrics.py and models.py.
 """
 import argparse
 import json
@@ -38,7 +39,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import data
 import losses
-import train
+import runtime
 
 COLLAPSED_KL = 0.01  # mean KL (nats) under which a latent carries no information
 FRAME_MS = 120       # how long traversal.gif shows each sweep value
@@ -58,13 +59,13 @@ HEADLINES = {"mig_discrete": ("mig",), "mig_gaussian": ("mig",), "beta_vae_score
              "gaussian_total_correlation": ("score",), "mutual_info_score": ("score",)}
 
 
-class _Formatter(train.HelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """train.py's help layout, keeping the line breaks of the description."""
+class _Formatter(runtime.HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """runtime's help layout, keeping the line breaks of the description."""
 
 
 def parse_args(argv=None):
     """The command line -> argparse namespace; a bad argument is one line and exit code 2."""
-    p = train.ArgumentParser(
+    p = runtime.ArgumentParser(
         prog="traverse.py", formatter_class=_Formatter,
         description="Draw pictures of what each latent of a trained model does, and optionally\n"
                     "measure every disentanglement metric and export the codes of the dataset.\n\n"
@@ -110,6 +111,7 @@ def parse_args(argv=None):
     for failed, message in checks:
         if failed:
             p.error(message)
+    runtime.check_seed(p, args.seed)
     return args
 
 
@@ -395,7 +397,7 @@ def metric_table(result):
             lines.append(f"{name:<28}not measured: {entry['error']}")
             continue
         keys = ([k for k in HEADLINES.get(name, ()) if k in entry]
-                or [k for k, v in entry.items() if np.ndim(v) == 0])  # a metric this table does not know
+                or [k for k, v in entry.items() if isinstance(v, (int, float, np.number))])  # unknown metric
         if not keys:
             lines.append(f"{name:<28}(see metrics.json)")
             continue
@@ -405,8 +407,8 @@ def metric_table(result):
 
 
 def json_ready(value):
-    """train.plain(value) with NaN and infinities as None, so metrics.json is strict JSON."""
-    value = train.plain(value)
+    """runtime.plain(value) with NaN and infinities as None, so metrics.json is strict JSON."""
+    value = runtime.plain(value)
     if isinstance(value, dict):
         return {k: json_ready(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -427,27 +429,27 @@ def write_codes(path, mu, logvar, dataset):
         with open(path, "wb") as f:
             np.savez(f, **arrays)
     except OSError as error:
-        raise train.UserError(f"--codes {path}: cannot write it ({error.strerror})") from error
+        raise runtime.UserError(f"--codes {path}: cannot write it ({error.strerror})") from error
 
 
 def check_writable(path, option):
     """UserError naming `option` unless a file can be written at `path` (checked before the work)."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
-        raise train.UserError(f"{option} {path}: is a folder; give a file path such as {path}/codes.npz")
+        raise runtime.UserError(f"{option} {path}: is a folder; give a file path such as {path}/codes.npz")
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise train.UserError(f"{option} {path}: folder {folder} does not exist or is not writable")
+        raise runtime.UserError(f"{option} {path}: folder {folder} does not exist or is not writable")
 
 
 def measure(mu, logvar, dataset, seed, out, checkpoint, step):
-    """Every metric on the whole dataset's codes (train.evaluate_codes): prints the table, writes
+    """Every metric on the whole dataset's codes (runtime.evaluate_codes): prints the table, writes
     metrics.json and (for labelled data) mi.png into `out`; says on stderr which factors were left
     out. Returns (result, paths written)."""
     index = np.arange(len(dataset))
     try:
-        result, note = train.evaluate_codes(mu, logvar, dataset, index, seed)
+        result, note = runtime.evaluate_codes(mu, logvar, dataset, index, seed)
     except ValueError as error:  # the codes themselves cannot be measured (e.g. not finite)
-        raise train.UserError(f"{checkpoint}: cannot measure its codes: {error}") from error
+        raise runtime.UserError(f"{checkpoint}: cannot measure its codes: {error}") from error
     names = varying_factor_names(dataset, index) if dataset.factors is not None else []
     report = {"checkpoint": checkpoint, "step": step, "dataset": dataset.name, "images": len(dataset),
               "seed": seed, "factor_names": names, "note": note, "metrics": json_ready(result)}
@@ -472,34 +474,38 @@ def main(argv=None):
     """The command line (argv: a list of strings, sys.argv[1:] if None) -> exit code: 0, 1 for a
     problem with the checkpoint, data or paths (one line on stderr), 2 for a bad argument."""
     args = parse_args(argv)
-    return train.report_errors(lambda: make_pictures(args), args.debug)
+    return runtime.report_errors(lambda: make_pictures(args), args.debug)
 
 
 def load_run(args):
     """The checkpoint, its model on the device (eval mode), its dataset and an ImageSource."""
-    state = train.load_checkpoint(args.checkpoint)
+    state = runtime.load_checkpoint(args.checkpoint)
     config = state["config"]  # only entries load_checkpoint guarantees are read
-    device = train.resolve_device(args.device)
-    model = train.model_from_checkpoint(state, args.checkpoint).to(device).eval()
-    source_name = args.data or config["data"]
-    dataset = data.load(source_name, limit=config["data_limit"], seed=config["seed"])
-    channels, size = train.check_dataset(dataset, config["arch"], source_name)
+    device = runtime.resolve_device(args.device)
+    model = runtime.model_from_checkpoint(state, args.checkpoint).to(device).eval()
+    if args.data:
+        source_name = args.data
+        dataset = data.load(source_name, limit=config["data_limit"], seed=config["seed"])
+    else:
+        source_name = config["data"]
+        dataset = runtime.load_checkpoint_data(config, args.checkpoint)
+    channels, size = runtime.check_dataset(dataset, config["arch"], source_name)
     if (channels, size) != (config["channels"], config["size"]):
-        raise train.UserError(f"{source_name}: images are {size}x{size}x{channels}, the model "
+        raise runtime.UserError(f"{source_name}: images are {size}x{size}x{channels}, the model "
                               f"was trained on {config['size']}x{config['size']}x{config['channels']}")
     if args.image >= len(dataset):
-        raise train.UserError(f"--image {args.image}: {dataset.name} has {len(dataset)} images "
+        raise runtime.UserError(f"--image {args.image}: {dataset.name} has {len(dataset)} images "
                               f"(0 to {len(dataset) - 1})")
-    return state, model, dataset, train.ImageSource(dataset.images, device)
+    return state, model, dataset, runtime.ImageSource(dataset.images, device)
 
 
 def encode(args, state, model, dataset, source, out):
     """Encode the whole dataset (--metrics, --codes: then measure and export) or --stats-subset
     images. Returns (rows encoded, mu, logvar, evaluate_codes result or {}, paths written)."""
     if not (args.metrics or args.codes):
-        index = train.evaluation_index(dataset, args.stats_subset, args.seed)
-        return (index, *train.encode_dataset(model, source, index), {}, [])
-    mu, logvar = train.encode_dataset(model, source, what=f"encoding {len(dataset):,} images")
+        index = runtime.evaluation_index(dataset, args.stats_subset, args.seed)
+        return (index, *runtime.encode_dataset(model, source, index), {}, [])
+    mu, logvar = runtime.encode_dataset(model, source, what=f"encoding {len(dataset):,} images")
     result, written = {}, []
     if args.codes:
         write_codes(args.codes, mu, logvar, dataset)
@@ -516,7 +522,7 @@ def label_latents(mu, logvar, dataset, index, result, seed):
     MIG of these codes on the factors that vary in these rows (what is left out is said on stderr)."""
     if dataset.factors is not None and not result:  # not measured yet (no --metrics)
         try:
-            result, note = train.evaluate_codes(mu, logvar, dataset, index, seed, only_mig=True)
+            result, note = runtime.evaluate_codes(mu, logvar, dataset, index, seed, only_mig=True)
         except ValueError as error:
             result, note = {}, f"no factor labels: {error}"
         if note:
@@ -539,7 +545,7 @@ def make_pictures(args):
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as error:
-        raise train.UserError(f"--out {out}: cannot create it ({error.strerror})") from error
+        raise runtime.UserError(f"--out {out}: cannot create it ({error.strerror})") from error
     if args.codes:  # before the long encoding
         check_writable(args.codes, "--codes")
     index, mu, logvar, result, written = encode(args, state, model, dataset, source, out)

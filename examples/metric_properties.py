@@ -24,7 +24,7 @@ metric (1) a high score for every disentangled code and (2) a low score for ever
 the last lines of the output say which disentanglement scores meet each on these codes (DCI's
 informativeness and explicitness measure whether the factors can be read from the code at all, not
 how they are arranged in it, so they are shown but not judged).
-Needs the toolkit's data.py and metrics.py (numpy, pillow), and train.py (torch) for its argument parser.
+Needs the toolkit's data.py and metrics.py, NumPy and pillow only: it runs where torch is not installed.
 """
 import argparse
 import json
@@ -39,7 +39,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import data  # noqa: E402
 import metrics  # noqa: E402
-import train  # noqa: E402  (its ArgumentParser: a bad argument is one line)
 
 DISENTANGLED = ("perfect", "monotone")
 ENTANGLED = ("rotated", "split", "two-in-1", "mixed", "noise")
@@ -49,11 +48,12 @@ COLUMNS = [("BetaVAE", "beta_vae_score", "score"), ("FactorVAE", "factor_vae_sco
            ("DCI dis.", "dci", "disentanglement"), ("DCI compl.", "dci", "completeness"),
            ("SAP", "sap_score", "score"), ("modularity", "modularity_explicitness", "modularity"),
            ("MIG discr.", "mig_discrete", "mig"), ("MIG Chen", "mig_gaussian", "mig"),
+           ("DCIMIG", "dcimig", "dcimig"), ("IRS", "irs", "score"),
            ("DCI info.", "dci", "informativeness_test"),
            ("explicitness", "modularity_explicitness", "explicitness_test"),
            ("TC (nats)", "gaussian_total_correlation", "score"),
            ("pair MI (nats)", "mutual_info_score", "score")]
-SCORES, SHADED = COLUMNS[:8], 10  # the columns judged; the columns shaded white (0) to blue (1)
+SCORES, SHADED = COLUMNS[:10], 12  # the columns judged; the columns shaded white (0) to blue (1)
 HIGH, NOTICED = 0.9, 0.1  # property 1: >= HIGH on both disentangled codes; property 2: each entangled
                           # code at least NOTICED below the perfect one
 
@@ -143,9 +143,12 @@ def markdown(table, verdict):
 
 
 def main():
-    p = train.ArgumentParser(prog="metric_properties.py", description=__doc__.split("\n")[0],
-                             epilog=__doc__.split("\n", 1)[1],
-                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="metric_properties.py", description=__doc__.split("\n")[0],
+                                epilog=__doc__.split("\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    # a bad argument is one line and exit code 2, as in the toolkit's commands (whose parser,
+    # runtime.ArgumentParser, needs torch)
+    p.error = lambda message: p.exit(2, f"{p.prog}: error: {message} (see --help)\n")
     p.add_argument("--data", default="sprites:positions=16,orientations=20",
                    help="built-in sprites grid whose factors the codes are built from (default: %(default)s, "
                         "92,160 rows; plain 'sprites' is the full 737,280)")

@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-import train  # noqa: E402  (its ArgumentParser: a bad argument is one line, exit code 2)
+import runtime  # noqa: E402  (its ArgumentParser: a bad argument is one line, exit code 2)
 TRAIN = os.path.normpath(os.path.join(HERE, os.pardir, "train.py"))
 OBJECTIVES = ("ae", "vae", "betavae", "betatc", "factorvae", "dipvae1", "dipvae2")
 TITLES = {"ae": "AE", "vae": "VAE", "betavae": "beta-VAE", "betatc": "beta-TCVAE",
@@ -54,7 +54,8 @@ SET_BY_THE_RUNNER = {
     "force": "it never overwrites a finished run",
     "final-eval": "a study measures every run on the whole dataset"}
 NOT_IN_THE_NAME = ("device", "log-every", "save-every", "eval-every", "eval-subset", "compile", "debug")
-DERIVED = ("seed", "channels", "size", "dataset_size", "dataset_name", "factor_names", "factor_sizes")
+DERIVED = ("seed", "channels", "size", "dataset_size", "dataset_name", "factor_names", "factor_sizes",
+           "data_fingerprint")
 MIGS = {"mig_gaussian": "MIG (Chen et al.)", "mig_discrete": "MIG (discretized)"}
 COLOURS = ("#666666", "#7570b3", "#1b9e77", "#d95f02", "#e7298a", "#66a61e", "#e6ab02")
 
@@ -178,8 +179,8 @@ def run_state(path):
     if not os.path.exists(path):
         return "missing"
     try:
-        return "finished" if is_finished(train.load_checkpoint(path)) else "unfinished"
-    except train.UserError:  # unreadable or foreign: train.py --resume says what is wrong with it
+        return "finished" if is_finished(runtime.load_checkpoint(path)) else "unfinished"
+    except runtime.UserError:  # unreadable or foreign: train.py --resume says what is wrong with it
         return "unfinished"
 
 
@@ -399,9 +400,9 @@ def collect(folder):
     groups, left_out = {}, []
     for file in sorted(f for f in os.listdir(folder) if f.endswith(".pt")):
         try:  # the config completed as train.py reads it, so older checkpoints group with newer
-            checkpoint = train.load_checkpoint(os.path.join(folder, file))
+            checkpoint = runtime.load_checkpoint(os.path.join(folder, file))
             config, finished = checkpoint["config"], is_finished(checkpoint)
-        except train.UserError:  # not a checkpoint of this toolkit
+        except runtime.UserError:  # not a checkpoint of this toolkit
             finished = False
         if not finished:
             left_out.append(file)
@@ -480,11 +481,11 @@ def markdown(rows):
 def write_table(folder):
     """table.md, table.json and the MIG figures of every finished checkpoint in `folder`."""
     if not os.path.isdir(folder):
-        raise train.UserError(f"--out {folder}: no such folder")
+        raise runtime.UserError(f"--out {folder}: no such folder")
     groups, left_out = collect(folder)
     if not groups:
         this = os.path.relpath(os.path.abspath(__file__))
-        raise train.UserError(f"{folder}: no finished checkpoints ({len(left_out)} other .pt files); train "
+        raise runtime.UserError(f"{folder}: no finished checkpoints ({len(left_out)} other .pt files); train "
                         f"them with: python {this} run --out {folder}")
     rows = summarise(groups)
     text = markdown(rows)
@@ -626,7 +627,7 @@ DATA-MODEL[-betaB]-seedS-STEPS[-HASH]; the hash covers the options that differ f
 
 
 def make_parser():
-    p = train.ArgumentParser(prog="reproduce.py", description=__doc__.split("\n")[0],
+    p = runtime.ArgumentParser(prog="reproduce.py", description=__doc__.split("\n")[0],
                                 epilog=__doc__.split("\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     stages = p.add_subparsers(dest="stage", required=True, metavar="{run,table,state}")
@@ -718,12 +719,25 @@ def parse_args(argv):
             parser.error(f"--set {scope}:{name}=...: {scope} is not among --models")
     if args.workers < 1 or args.steps < 1 or min(args.betas) < 0:
         parser.error("--workers and --steps must be positive, --betas >= 0")
-    for run in grid(args, passthrough):  # what train.py would refuse, said now rather than per run
-        problem = train.argument_problem(train_arguments(run) + ["--force"])
+    for seed in args.seeds:
+        runtime.check_seed(parser, seed, "--seeds")
+    runs = grid(args, passthrough)
+    for run, problem in zip(runs, train_problems(runs)):  # said now rather than per run
         if problem:
             problem = problem.removeprefix("train.py: error: ").removesuffix(" (see --help)")
             parser.error(f"run {run['name']}: {problem}")
     return args, passthrough
+
+
+def train_problems(runs):
+    """What train.py would refuse in each run's arguments (None where nothing), from one
+    `train.py --check-runs` (one process, not one per run: each would load torch)."""
+    argument_lists = [train_arguments(run) + ["--force"] for run in runs]
+    checked = subprocess.run([sys.executable, TRAIN, "--check-runs"], input=json.dumps(argument_lists),
+                             capture_output=True, text=True)
+    if checked.returncode != 0:
+        raise SystemExit(f"error: {TRAIN} --check-runs failed: {checked.stderr.strip()[-500:]}")
+    return json.loads(checked.stdout)
 
 
 def run_stage(args, passthrough):
@@ -737,12 +751,12 @@ def run_stage(args, passthrough):
         runs = grid(args, passthrough)
         return write_slurm(args, runs) if args.slurm else run_study(args, runs)
     except OSError as error:
-        raise train.UserError(str(error)) from error
+        raise runtime.UserError(str(error)) from error
 
 
 def main(argv=None):
     args, passthrough = parse_args(argv)
-    return train.report_errors(lambda: run_stage(args, passthrough))
+    return runtime.report_errors(lambda: run_stage(args, passthrough))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,481 @@
+"""What the commands share: train.py, traverse.py, bench.py and the examples import this file.
+
+    errors       UserError, ArgumentError, ArgumentParser, HelpFormatter, report_errors,
+                 check_seed
+    processes    rank, world_size, first_process (torchrun), resolve_device
+    data         check_dataset, data_source, load_checkpoint_data, data_fingerprint, to_float,
+                 ImageSource
+    encoding     encoding_precision, Progress, encode_dataset, evaluation_index, evaluate_codes
+    checkpoints  CHECKPOINT_FORMAT, plain, save_checkpoint, load_checkpoint (with its config
+                 check), build_model, model_from_checkpoint
+
+A problem with the user's input or files is a UserError (or data.DataError): report_errors prints
+it as one line and returns exit code 1; ArgumentParser prints a bad argument as one line, exit 2.
+Needs torch, numpy and the toolkit's leaf modules data.py, losses.py, metrics.py and models.py;
+nothing here calls code hidden in another file.
+"""
+import argparse
+import hashlib
+import math
+import os
+import pickle
+import sys
+import time
+import warnings
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import data
+import losses
+import metrics
+import models
+
+CHECKPOINT_FORMAT = "disentangle-checkpoint-1"
+MAX_SEED = 2**32 - 1  # the largest seed numpy's RandomState and torch.cuda.manual_seed take
+
+
+# ============================================================================= errors
+
+class UserError(Exception):
+    """A problem with the user's input or files: printed as one line, exit code 1."""
+
+
+class ArgumentError(UserError):
+    """Arguments that parse but cannot be used together (say, with the checkpoint being resumed):
+    printed as one line, exit code 2, as argparse's own errors."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line ("PROG: error: ... (see --help)"), exit code 2."""
+
+    def error(self, message):
+        # under torchrun every process parses the same arguments: only the first says what is wrong
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n" if first_process() else None)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a default only where there is one worth showing (not None, not a flag's False)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def report_errors(work, debug=False):
+    """Run work(): a problem with the user's input is one line on stderr and exit code 1 (2 for an
+    ArgumentError; with `debug`, the traceback instead); Ctrl-C is one line and exit code 130."""
+    try:
+        return work()
+    except KeyboardInterrupt as error:
+        print(f"\ninterrupted{': ' + str(error) if str(error) else ''}", file=sys.stderr)
+        return 130
+    except (UserError, data.DataError) as error:
+        if debug:
+            raise
+        if first_process():  # under torchrun every process meets the same problem: say it once
+            print(f"error: {error}", file=sys.stderr)
+        return 2 if isinstance(error, ArgumentError) else 1
+
+
+def check_seed(parser, seed, option="--seed"):
+    """parser.error (one line, exit 2) unless `seed` is one NumPy and torch both take: 0..2**32-1."""
+    if not 0 <= seed <= MAX_SEED:
+        parser.error(f"{option} {seed}: a seed must be a whole number from 0 to {MAX_SEED:,}")
+
+
+# ============================================================================= processes and devices
+
+def rank():
+    """This process's rank under torchrun once its process group exists; 0 otherwise."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size():
+    """The number of processes in the process group (1 without torchrun)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def first_process():
+    """Rank 0, also before the process group exists (torchrun sets RANK and TORCHELASTIC_RUN_ID)."""
+    started_by_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
+    return rank() == 0 and (not started_by_torchrun or os.environ.get("RANK", "0") == "0")
+
+
+def resolve_device(name, local_rank=0):
+    """'auto' | 'cpu' | 'cuda' -> torch.device (cuda:local_rank under torchrun); UserError for
+    'cuda' without a CUDA GPU."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is available to torch")
+    if name == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", local_rank)
+
+
+# ============================================================================= data
+
+def check_dataset(dataset, arch, source):
+    """(channels, size) of the dataset's images, or UserError if `arch` cannot take them."""
+    _, height, width, channels = dataset.images.shape
+    if height != width:
+        raise UserError(f"{source}: images are {height}x{width}; the {arch} architecture needs "
+                        "square images")
+    if arch == "conv" and height != 64:
+        raise UserError(f"{source}: images are {height}x{width}; the conv architecture needs 64x64 "
+                        "(or use --arch mlp)")
+    if channels not in (1, 3):
+        raise UserError(f"{source}: images have {channels} channels; 1 or 3 are supported")
+    return channels, height
+
+
+FINGERPRINT_ROWS = 64  # images hashed by data_fingerprint, evenly spread over the dataset
+
+
+def data_source(name, beside=None):
+    """What a checkpoint stores as --data: the absolute path of a file or folder that exists (so
+    the run is found from any folder), else the name as given (a built-in such as "sprites:...").
+    A relative name not found here is looked for in the folder of the file `beside` (the
+    checkpoint that stored it)."""
+    if os.path.exists(name):
+        return os.path.abspath(name)
+    if beside is not None and not os.path.isabs(name):
+        found = os.path.join(os.path.dirname(os.path.abspath(beside)), name)
+        if os.path.exists(found):
+            return found
+    return name
+
+
+def load_checkpoint_data(config, path):
+    """The dataset a checkpoint's config names (its data, data_limit and seed; a relative name is
+    also looked for beside the checkpoint `path`). A name found nowhere is a UserError saying that
+    it came from the checkpoint and that --data reads the data from elsewhere."""
+    try:
+        return data.load(data_source(config["data"], beside=path), limit=config["data_limit"],
+                         seed=config["seed"])
+    except data.DataError as error:
+        raise UserError(f"{error} (the name {config['data']!r} comes from the checkpoint {path}; "
+                        "--data reads the data from elsewhere)") from error
+
+
+def data_fingerprint(dataset):
+    """A cheap identity of a dataset's images: 16 hex digits of the SHA-256 of their shape and of
+    FINGERPRINT_ROWS images evenly spread over the rows (first and last included). Reads those
+    rows only (a memory-mapped dataset stays on disk). Equal data gives equal fingerprints; other
+    images give another one unless they agree in every hashed row."""
+    images = dataset.images
+    rows = np.unique(np.linspace(0, len(images) - 1, FINGERPRINT_ROWS).round().astype(np.int64))
+    digest = hashlib.sha256(repr(tuple(images.shape)).encode())
+    digest.update(np.ascontiguousarray(images[rows]).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def to_float(batch):
+    """uint8 (B, H, W, C) tensor -> float NCHW in [0, 1], channels-last in memory."""
+    return batch.permute(0, 3, 1, 2).float().div_(255)
+
+
+class ImageSource:
+    """Draws batches of the uint8 images by index; holds them on the GPU when they fit, except
+    images drawn when indexed (data.DrawnImages: the dSprites variants), which stay on the CPU."""
+
+    def __init__(self, images, device):
+        self.images = images
+        self.device = device
+        self.on_device = None
+        if device.type == "cuda" and not isinstance(images, data.DrawnImages):
+            free, _ = torch.cuda.mem_get_info(device)
+            if images.nbytes < 0.5 * free:
+                self.on_device = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+
+    def __len__(self):
+        return len(self.images)
+
+    def batch(self, index):
+        """index: int64 numpy array (B,) -> float NCHW batch (B, C, H, W) on the device."""
+        if self.on_device is not None:
+            return to_float(self.on_device[torch.from_numpy(index).to(self.device)])
+        batch = torch.from_numpy(self.images[index])
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        return to_float(batch)
+
+
+# ============================================================================= encoding and evaluating
+
+class Progress:
+    """One live line on a terminal; a line every `every` steps otherwise (nothing if not live).
+    `total` steps of `batch_size` images from step `start`; `what` names the work (else "step")."""
+
+    def __init__(self, total, start, batch_size, every, live=True, what=None):
+        self.total = total
+        self.batch_size = batch_size
+        self.every = every
+        self.what = what
+        self.enabled = live
+        self.tty = sys.stderr.isatty()
+        self.start_step = start
+        self.last_step = start
+        self.start_time = time.perf_counter()
+        self.last_print = 0.0
+
+    def rate(self, step):
+        """Images per second since the start."""
+        seconds = max(time.perf_counter() - self.start_time, 1e-9)
+        return (step - self.start_step) * self.batch_size / seconds
+
+    def update(self, step, terms, force=False):
+        """Show `step` and the terms (name -> float) if a line is due (or `force`)."""
+        now = time.perf_counter()
+        if self.tty:
+            due = now - self.last_print >= 0.5
+        else:
+            due = step // self.every > self.last_step // self.every
+        if not self.enabled or not (force or due or step == self.total):
+            return
+        self.last_print = now
+        self.last_step = step
+        rate = self.rate(step)
+        eta = (self.total - step) * self.batch_size / max(rate, 1e-9)
+        head = f"{self.what}: {step:,}/{self.total:,}" if self.what else f"step {step}/{self.total}"
+        text = (f"{head}  {rate:,.0f} img/s  ETA {eta // 60:.0f}m{eta % 60:02.0f}s  "
+                + "  ".join(f"{k} {v:.4g}" for k, v in terms.items()))
+        print(("\r" + text + "\033[K") if self.tty else text, end="" if self.tty else "\n",
+              file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.enabled and self.tty:
+            print(file=sys.stderr)
+
+
+def encoding_precision(device):
+    """The fastest autocast dtype for encoding on `device` (None: fp32). On the CPU bf16 only where
+    oneDNN runs it natively (AVX-512 or AMX: ~3x faster than fp32); elsewhere, as on AVX2-only
+    CPUs, it is emulated and ~8x slower than fp32. On CUDA bf16, or fp16 on older GPUs."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    native = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    return torch.bfloat16 if torch.backends.mkldnn.is_available() and native() else None
+
+
+def encode_dataset(model, source, index=None, batch_size=256, dtype="auto", what=None):
+    """Posterior means and log-variances, each float32 numpy (len(index), latents), of the images
+    at `index` (int64 rows; all if None). `dtype`: the autocast dtype, None for fp32, "auto" for
+    `encoding_precision` (bf16 moves the MIG by < 0.005: README). `what`: a name for a progress
+    line on stderr (count, img/s, ETA)."""
+    index = np.arange(len(source)) if index is None else index
+    dtype = encoding_precision(source.device) if dtype == "auto" else dtype
+    rows = len(index)
+    mu_out = np.empty((rows, model.latents), np.float32)
+    logvar_out = np.empty((rows, model.latents), np.float32)
+    progress = Progress(rows, 0, 1, every=max(rows // 10, 1), what=what) if what else None
+    was_training = model.training
+    model.eval()
+    autocast = torch.autocast(source.device.type, dtype=dtype or torch.bfloat16,
+                              enabled=dtype is not None)
+    with torch.inference_mode(), autocast:
+        for start in range(0, rows, batch_size):
+            end = min(start + batch_size, rows)
+            mu, logvar = model.encode(source.batch(index[start:end]))
+            mu_out[start:end] = mu.float().cpu()
+            logvar_out[start:end] = logvar.float().cpu()
+            if progress:
+                progress.update(end, {})
+    model.train(was_training)
+    if progress:
+        progress.close()
+    return mu_out, logvar_out
+
+
+def evaluation_index(dataset, samples, seed):
+    """All rows, or a fixed random subset of `samples` rows: sorted int64 (rows,), for evaluation."""
+    if samples == 0 or samples >= len(dataset):
+        return np.arange(len(dataset))
+    return np.sort(np.random.default_rng(seed + 1).choice(len(dataset), samples, replace=False))
+
+
+def evaluate_codes(mu, logvar, dataset, index, seed, only_mig=False):
+    """metrics.evaluate (or just the discrete MIG) on the encoded rows; factors that take a single
+    value in these rows are left out. Returns (result, note): note is '' or one line saying what was
+    left out or why nothing could be measured; a metric that fails holds {"error": reason}."""
+    factors = None if dataset.factors is None else dataset.factors[index]
+    note = ""
+    if factors is not None:
+        varies = factors.min(0) != factors.max(0)
+        if not varies.all():
+            constant = [name for name, v in zip(dataset.factor_names, varies) if not v]
+            note = (f"factor(s) {', '.join(constant)} take one value in the {len(factors):,} "
+                    "evaluated images: left out")
+            factors = factors[:, varies] if varies.any() else None
+    if only_mig:
+        if factors is None:
+            return {}, note or "no labelled factors"
+        return {"mig_discrete": metrics.discrete_mig(mu, factors)}, note
+    return metrics.evaluate(mu, logvar, factors, seed=seed), note
+
+
+# ============================================================================= checkpoints
+
+def plain(value):
+    """numpy values -> Python lists/floats so the checkpoint loads with weights_only=True."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, (np.ndarray, np.generic)):
+        return value.tolist()
+    return value
+
+
+def save_checkpoint(path, state):
+    """torch.save `state` to `path` atomically: a crash mid-save leaves the previous file intact."""
+    folder = os.path.dirname(os.path.abspath(path))
+    temp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        with open(temp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.remove(temp)
+
+
+# What a checkpoint's config must hold; entries added since the first release (or safe to assume)
+# have a default here, so older or hand-edited checkpoints still load. Anything else must be there.
+REQUIRED_CONFIG = ("model", "arch", "latents", "channels", "size", "data", "batch_size", "lr",
+                   "steps", "recon", "dataset_size")
+CONFIG_DEFAULTS = {
+    "beta": 6.0,
+    "alpha": 1.0,
+    "gamma": None,
+    "estimator": "mws",
+    "capacity": None,
+    "capacity_steps": 100_000,
+    "lambda_od": None,
+    "lambda_d": None,
+    "seed": 0,
+    "data_limit": None,
+    "precision": "fp32",
+    "dataset_name": "",
+    "factor_names": [],
+    "factor_sizes": [],
+    "data_fingerprint": "",  # "": written before fingerprints; --resume then skips that check
+}
+
+
+def _whole(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _names(value):
+    return isinstance(value, (list, tuple)) and all(isinstance(name, str) for name in value)
+
+
+def _wholes(value):
+    return isinstance(value, (list, tuple)) and all(_whole(size) for size in value)
+
+
+# One check per config entry: (name, test of its value, what is expected).
+_CONFIG_CHECKS = (
+    ("model", lambda v: v in losses.OBJECTIVES, "one of " + ", ".join(losses.OBJECTIVES)),
+    ("arch", lambda v: v in models.ARCHS, "one of " + ", ".join(models.ARCHS)),
+    ("latents", lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
+    ("channels", lambda v: v in (1, 3), "one of 1, 3"),
+    ("size", lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
+    ("batch_size", lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
+    ("steps", lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
+    ("dataset_size", lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
+    ("seed", lambda v: _whole(v) and 0 <= v <= MAX_SEED, f"a whole number from 0 to {MAX_SEED}"),
+    ("capacity_steps", lambda v: _whole(v) and v >= 0, "a whole number >= 0"),
+    ("data_limit", lambda v: v is None or _whole(v) and v >= 2, "none or a whole number >= 2"),
+    ("lr", lambda v: _number(v) and v > 0, "a number > 0"),
+    ("beta", lambda v: _number(v) and v >= 0, "a number >= 0"),
+    ("alpha", lambda v: _number(v) and v >= 0, "a number >= 0"),
+    ("gamma", lambda v: v is None or _number(v) and v >= 0, "none or a number >= 0"),
+    ("capacity", lambda v: v is None or _number(v) and v >= 0, "none or a number >= 0"),
+    ("lambda_od", lambda v: v is None or _number(v) and v >= 0, "none or a number >= 0"),
+    ("lambda_d", lambda v: v is None or _number(v) and v >= 0, "none or a number >= 0"),
+    ("recon", lambda v: v in ("bce", "mse"), "one of bce, mse"),
+    ("estimator", lambda v: v in ("mws", "mss"), "one of mws, mss"),
+    ("precision", lambda v: v in ("fp32", "bf16", "fp16"), "one of fp32, bf16, fp16"),
+    ("data", lambda v: isinstance(v, str), "a string"),
+    ("dataset_name", lambda v: isinstance(v, str), "a string"),
+    ("data_fingerprint", lambda v: isinstance(v, str), "a string"),
+    ("factor_names", _names, "a list of names"),
+    ("factor_sizes", _wholes, "a list of whole numbers"),
+)
+
+
+def config_problem(config):
+    """The first config entry that training or drawing could not use, as "NAME VALUE (expected
+    ...)", or None: a hand-edited or foreign checkpoint then fails in one line, not in a traceback."""
+    for name, valid, expected in _CONFIG_CHECKS:
+        if not valid(config[name]):
+            return f"{name} {config[name]!r} (expected {expected})"
+    return None
+
+
+def load_checkpoint(path):
+    """Read a checkpoint of this toolkit (weights only, no pickle) with its config completed from
+    CONFIG_DEFAULTS and checked by config_problem; UserError naming the file and what is wrong
+    otherwise. Returns the state dict save_checkpoint wrote (train.py's _Run.state)."""
+    if os.path.isdir(path):
+        raise UserError(f"{path}: is a folder, not a checkpoint file")
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such checkpoint file")
+    try:
+        with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # weights_only refused it, or it is no pickle at all
+        raise UserError(f"{path}: not a checkpoint of this toolkit (not a torch file of tensors and "
+                        "plain containers)") from error
+    except Exception as error:  # only torch.load is inside: whatever else it raises (EOFError,
+        # KeyError, RuntimeError, ...) means the same
+        raise UserError(f"{path}: not a readable checkpoint (truncated, or not a file that "
+                        f"torch.save wrote: {type(error).__name__})") from error
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise UserError(f"{path}: not a checkpoint of this toolkit (expected format "
+                        f"{CHECKPOINT_FORMAT!r}); it may come from another program or version")
+    missing = [k for k in ("model", "optimizer", "step", "config") if k not in state]
+    if missing or not isinstance(state["config"], dict):
+        raise UserError(f"{path}: checkpoint lacks {', '.join(missing) or 'a config dict'}")
+    missing = [k for k in REQUIRED_CONFIG if k not in state["config"]]
+    if missing:
+        raise UserError(f"{path}: the checkpoint's config lacks {', '.join(missing)} (written by "
+                        "another version of this toolkit?); it cannot be used")
+    state["config"] = {**CONFIG_DEFAULTS, **state["config"]}
+    problem = config_problem(state["config"])
+    if problem:
+        raise UserError(f"{path}: the checkpoint's config has {problem}; it cannot be used")
+    return state
+
+
+def build_model(config):
+    """The freshly initialised model a run's config describes (its arch, latents, channels, size
+    and objective), on the CPU; the conv net channels-last, as oneDNN's convolutions run fastest."""
+    model = models.build_model(config["arch"], config["latents"], config["channels"],
+                               config["size"], deterministic=config["model"] == "ae")
+    return model.to(memory_format=torch.channels_last) if config["arch"] == "conv" else model
+
+
+def model_from_checkpoint(state, path="checkpoint"):
+    """The model of a loaded checkpoint (on the CPU, in training mode), with its weights;
+    UserError naming `path` if the weights do not fit the model its config describes."""
+    try:
+        model = build_model(state["config"])
+        model.load_state_dict(state["model"])
+    except (RuntimeError, ValueError) as error:
+        # torch's first line is a header: say the first line that names what does not fit
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        lines = lines or [type(error).__name__]
+        raise UserError(f"{path}: model weights do not fit the model in its config: "
+                        f"{lines[min(1, len(lines) - 1)][:300]}") from error
+    return model
