@@ -81,12 +81,12 @@ def report_errors(work, debug=False):
 
 
 def check_seed(parser, seed, option="--seed"):
-    """parser.error (one line, exit 2) unless `seed` is one NumPy and torch both take: 0..2**32-1."""
+    """parser.error (one line, exit 2) unless NumPy and torch both take `seed`: 0..2**32-1."""
     if not 0 <= seed <= MAX_SEED:
         parser.error(f"{option} {seed}: a seed must be a whole number from 0 to {MAX_SEED:,}")
 
 
-# ============================================================================= processes and devices
+# ========================================================================= processes and devices
 
 def rank():
     """This process's rank under torchrun once its process group exists; 0 otherwise."""
@@ -202,7 +202,7 @@ class ImageSource:
         return to_float(batch)
 
 
-# ============================================================================= encoding and evaluating
+# ======================================================================= encoding and evaluating
 
 class Progress:
     """One live line on a terminal; a line every `every` steps otherwise (nothing if not live).
@@ -289,7 +289,8 @@ def encode_dataset(model, source, index=None, batch_size=256, dtype="auto", what
 
 
 def evaluation_index(dataset, samples, seed):
-    """All rows, or a fixed random subset of `samples` rows: sorted int64 (rows,), for evaluation."""
+    """All rows, or a fixed random subset of `samples` rows (`samples` 0: all): sorted int64
+    (rows,), for evaluation; the subset is drawn with default_rng(seed + 1)."""
     if samples == 0 or samples >= len(dataset):
         return np.arange(len(dataset))
     return np.sort(np.random.default_rng(seed + 1).choice(len(dataset), samples, replace=False))
@@ -354,6 +355,7 @@ CONFIG_DEFAULTS = {
     "estimator": "mws",
     "capacity": None,
     "capacity_steps": 100_000,
+    "k": None,
     "lambda_od": None,
     "lambda_d": None,
     "seed": 0,
@@ -384,7 +386,8 @@ def _wholes(value):
 
 # One check per config entry: (name, test of its value, what is expected).
 _CONFIG_CHECKS = (
-    ("model", lambda v: v in losses.OBJECTIVES, "one of " + ", ".join(losses.OBJECTIVES)),
+    ("model", lambda v: v in losses.OBJECTIVES + losses.PAIR_OBJECTIVES,
+     "one of " + ", ".join(losses.OBJECTIVES + losses.PAIR_OBJECTIVES)),
     ("arch", lambda v: v in models.ARCHS, "one of " + ", ".join(models.ARCHS)),
     ("latents", lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
     ("channels", lambda v: v in (1, 3), "one of 1, 3"),
@@ -394,6 +397,7 @@ _CONFIG_CHECKS = (
     ("dataset_size", lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
     ("seed", lambda v: _whole(v) and 0 <= v <= MAX_SEED, f"a whole number from 0 to {MAX_SEED}"),
     ("capacity_steps", lambda v: _whole(v) and v >= 0, "a whole number >= 0"),
+    ("k", lambda v: v is None or _whole(v) and v >= 0, "none or a whole number >= 0"),
     ("data_limit", lambda v: v is None or _whole(v) and v >= 2, "none or a whole number >= 2"),
     ("lr", lambda v: _number(v) and v > 0, "a number > 0"),
     ("beta", lambda v: _number(v) and v >= 0, "a number >= 0"),
@@ -415,7 +419,7 @@ _CONFIG_CHECKS = (
 
 def config_problem(config):
     """The first config entry that training or drawing could not use, as "NAME VALUE (expected
-    ...)", or None: a hand-edited or foreign checkpoint then fails in one line, not in a traceback."""
+    ...)", or None: a hand-edited or foreign checkpoint then fails in one line, not a traceback."""
     for name, valid, expected in _CONFIG_CHECKS:
         if not valid(config[name]):
             return f"{name} {config[name]!r} (expected {expected})"
@@ -431,12 +435,12 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such checkpoint file")
     try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols of files it then refuses
+        with warnings.catch_warnings():  # torch warns of pickle protocols of files it then refuses
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:  # weights_only refused it, or it is no pickle at all
-        raise UserError(f"{path}: not a checkpoint of this toolkit (not a torch file of tensors and "
-                        "plain containers)") from error
+        raise UserError(f"{path}: not a checkpoint of this toolkit (not a torch file of tensors "
+                        "and plain containers)") from error
     except Exception as error:  # only torch.load is inside: whatever else it raises (EOFError,
         # KeyError, RuntimeError, ...) means the same
         raise UserError(f"{path}: not a readable checkpoint (truncated, or not a file that "

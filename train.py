@@ -12,6 +12,12 @@ the end, and when the run is interrupted (Ctrl-C, SIGTERM) or stopped by a non-f
 same global batch, the codes of the whole batch are gathered for the objectives that compare samples
 (beta-TCVAE, FactorVAE, DIP-VAE), and only rank 0 prints, saves and evaluates.
 
+Ada-GVAE and ML-VAE (--model adagvae | mlvae, Locatello et al. 2020) train on pairs of images whose
+factors differ in --k of them (data.PairSampler, drawn with replacement from a seeded generator
+whose state the checkpoint keeps): --batch-size counts pairs, a step encodes both images of every
+pair, aggregates the latents the pair seems to share (losses.aggregate_pair), samples z from the
+aggregate and decodes. Under torchrun each process takes its slice of the pairs, whole.
+
 The file reads top to bottom: the command line; `run_config`, the one place where a run's settings
 are decided (from the command line, the data and the checkpoint being resumed); processes and
 precision; the run state; the training and discriminator steps; the loop; the finish. What the
@@ -54,6 +60,7 @@ SETTINGS = {
     "estimator": "mws",
     "capacity": None,
     "capacity_steps": 100_000,
+    "k": None,  # adagvae/mlvae: factors that differ within a pair (None: 1; 0: random per pair)
     "recon": "auto",
     "data": "sprites",
     "data_limit": None,
@@ -66,7 +73,7 @@ SETTINGS = {
     "precision": "auto",
 }
 # Settings a resumed run cannot change: they define the model, or which images it sees.
-FIXED_ON_RESUME = ("model", "arch", "latents", "data_limit", "seed")
+FIXED_ON_RESUME = ("model", "arch", "latents", "data_limit", "seed", "k")
 # Options of this invocation only: part of the config the loop reads, not of the checkpoint's.
 PER_INVOCATION = ("out", "device", "compile", "skip_nonfinite", "save_every", "log_every",
                   "eval_every", "eval_subset", "final_eval")
@@ -81,6 +88,7 @@ LOGGED_TERMS = """logged terms (progress line and the checkpoint's history; batc
   tc            factorvae: the discriminator's total-correlation estimate
   discriminator_loss, discriminator_accuracy   factorvae: how well it tells q(z) from prod q(z_j)
   dip     dipvae1/dipvae2: the covariance penalty before its lambdas
+  shared  adagvae/mlvae: latents per pair taken as shared (kl is the aggregated posteriors')
   mig     with --eval-every: the discrete MIG of the means on --eval-subset images"""
 
 
@@ -116,19 +124,23 @@ def _make_parser():
 
 
 def _objective_options(g):
-    g.add_argument("--model", choices=losses.OBJECTIVES,
+    g.add_argument("--model", choices=losses.OBJECTIVES + losses.PAIR_OBJECTIVES,
                    help="ae: reconstruction only; vae: ELBO (Kingma & Welling 2014); betavae: "
                         "beta-weighted KL (Higgins et al. 2017); betatc: KL split into MI, total "
                         "correlation and dimension-wise KL (Chen et al. 2018); factorvae: VAE + "
                         "gamma TC from a discriminator (Kim & Mnih 2018); dipvae1/dipvae2: VAE + "
-                        "penalty on the covariance of the means / of q(z) (Kumar et al. 2018)")
+                        "penalty on the covariance of the means / of q(z) (Kumar et al. 2018); "
+                        "adagvae/mlvae: beta-VAE on pairs of images that share factors, the "
+                        "latents a pair seems to share aggregated (Locatello et al. 2020)")
     g.add_argument("--beta", type=float,
-                   help="weight of the KL (betavae) or of the total correlation (betatc)")
+                   help="weight of the KL (betavae, adagvae, mlvae) or of the total correlation "
+                        "(betatc)")
     g.add_argument("--alpha", type=float, help="betatc: weight of the index-code MI")
     g.add_argument("--gamma", type=float,
                    help="betatc: weight of the dimension-wise KL (default 1); betavae with "
-                        "--capacity: weight of |KL - C| (default 1000); factorvae: weight of the TC "
-                        f"(default {losses.FACTORVAE_GAMMA:g}, as Kim & Mnih's dSprites figures)")
+                        "--capacity: weight of |KL - C| (default 1000); factorvae: weight of the "
+                        f"TC (default {losses.FACTORVAE_GAMMA:g}, as Kim & Mnih's dSprites "
+                        "figures)")
     g.add_argument("--lambda-od", type=float,
                    help="dipvae: weight of the off-diagonal covariance penalty (default "
                         f"{losses.DIP_LAMBDA_OD:g}, in Locatello et al.'s grid)")
@@ -142,6 +154,9 @@ def _objective_options(g):
                         "recon + gamma |KL - C| with C rising linearly from 0")
     g.add_argument("--capacity-steps", type=int,
                    help="steps over which the capacity C rises to --capacity")
+    g.add_argument("--k", type=int,
+                   help="adagvae/mlvae: how many factors differ between the two images of a "
+                        "pair; 0: uniform in 1..K-1 for each pair, K the factors (default 1)")
     g.add_argument("--recon", choices=("auto", "bce", "mse"),
                    help="reconstruction loss; auto: bce for 1-channel images, mse for colour")
 
@@ -149,8 +164,8 @@ def _objective_options(g):
 def _data_options(g):
     g.add_argument("--data",
                    help="a built-in dataset (sprites, shapes; options as sprites:positions=8) or a "
-                        "file/folder: dSprites .npz/.hdf5, 3dshapes .h5, images folder or .zip, ...; "
-                        "the checkpoint keeps a path as an absolute one")
+                        "file/folder: dSprites .npz/.hdf5, 3dshapes .h5, images folder or .zip, "
+                        "...; the checkpoint keeps a path as an absolute one")
     g.add_argument("--data-limit", type=int,
                    help="keep a random subset of this many images (chosen with --seed)")
     g.add_argument("--arch", choices=models.ARCHS,
@@ -160,8 +175,8 @@ def _data_options(g):
 
 def _optimisation_options(g):
     g.add_argument("--batch-size", type=int,
-                   help="images per step (the global batch: under torchrun it is split between "
-                        "processes)")
+                   help="images per step, pairs for adagvae/mlvae (the global batch: under "
+                        "torchrun it is split between processes)")
     g.add_argument("--lr", type=float, help="Adam learning rate")
     g.add_argument("--steps", type=int, help="total optimizer steps")
     g.add_argument("--epochs", type=float,
@@ -235,11 +250,15 @@ def _argument_problems(args):
         (args.capacity is not None and not (math.isfinite(args.capacity) and args.capacity >= 0),
          "--capacity must be a finite number >= 0"),
         (_below(args.capacity_steps, 0), "--capacity-steps must be >= 0"),
+        (_below(args.k, 0), "--k must be >= 0 (0: a random k for each pair)"),
+        (args.k is not None and model not in losses.PAIR_OBJECTIVES,
+         "--k is for --model adagvae or mlvae"),
         (_below(args.data_limit, 2), "--data-limit must be at least 2"),
         (min(args.save_every, args.log_every, args.eval_subset) < 1,
          "--save-every, --log-every and --eval-subset must be positive"),
         (args.eval_every < 0 or args.final_eval < 0, "--eval-every and --final-eval must be >= 0"),
-        (args.resume and args.force, "--resume continues --out and --force overwrites it: pick one"),
+        (args.resume and args.force,
+         "--resume continues --out and --force overwrites it: pick one"),
         (args.capacity is not None and model != "betavae", "--capacity is for --model betavae"),
         ((args.lambda_od is not None or args.lambda_d is not None)
          and not model.startswith("dipvae"),
@@ -255,7 +274,8 @@ def _below(value, least):
 def argument_problem(argv):
     """The one line train.py would print for these arguments and exit 2 on, or None if they parse
     and pass the checks that need no data (what --check-runs answers for each argument list)."""
-    with contextlib.redirect_stderr(io.StringIO()) as said, contextlib.redirect_stdout(io.StringIO()):
+    said = io.StringIO()
+    with contextlib.redirect_stderr(said), contextlib.redirect_stdout(io.StringIO()):
         try:
             _parse_args(argv)
         except SystemExit as stop:
@@ -284,7 +304,8 @@ def _check_output(args):
     if not os.access(folder, os.W_OK):
         raise UserError(f"--out {args.out}: folder {folder} is not writable")
     if os.path.isdir(args.out):
-        raise UserError(f"--out {args.out}: is a folder; give a file path such as {args.out}/ckpt.pt")
+        raise UserError(f"--out {args.out}: is a folder; give a file path such as "
+                        f"{args.out}/ckpt.pt")
     if args.resume and not os.path.exists(args.out):
         raise UserError(f"--resume: there is no checkpoint at {args.out} to continue")
     if os.path.exists(args.out) and not (args.resume or args.force):
@@ -327,8 +348,28 @@ def run_config(args, dataset, resumed=None, device=torch.device("cpu")):
     if config["model"] in BATCH_OBJECTIVES and len(dataset) < config["batch_size"]:
         raise UserError(f"{config['data']}: {len(dataset)} images is fewer than --batch-size "
                         f"{config['batch_size']}")
+    _settle_pairs(config, dataset)
     config.update({name: getattr(args, name) for name in PER_INVOCATION})
     return config
+
+
+def _settle_pairs(config, dataset):
+    """adagvae/mlvae: k (default 1) must leave a factor shared, and the data must have factors;
+    UserError (unlabelled data) or ArgumentError (k) otherwise. Other objectives keep k None."""
+    if config["model"] not in losses.PAIR_OBJECTIVES:
+        return
+    if dataset.factors is None:
+        raise UserError(f"{config['data']}: has no factors (unlabelled); --model "
+                        f"{config['model']} trains on pairs that share factors, which need them")
+    varying = sum(size > 1 for size in dataset.factor_sizes)
+    if varying < 2:
+        raise UserError(f"{config['data']}: pairs need at least 2 factors that vary, it has "
+                        f"{varying}")
+    config["k"] = 1 if config["k"] is None else config["k"]
+    if config["k"] >= varying:
+        raise runtime.ArgumentError(
+            f"--k {config['k']}: {config['data']} has {varying} factors that vary; k must be 0 "
+            f"(random) or 1..{varying - 1}, so that a pair shares a factor")
 
 
 def _data_identity(dataset, channels, size):
@@ -356,9 +397,11 @@ def _refuse_fixed_settings(given, previous, out):
 
 
 def _refuse_other_data(config, previous, out):
-    """ArgumentError if the data is not the checkpoint's: shape, channels, factors, fingerprint
-    (checkpoints written before fingerprints are compared without it)."""
-    compared = ["size", "channels", "dataset_size", "factor_names", "factor_sizes"]
+    """ArgumentError if the data is not the checkpoint's: shape, channels, factors, fingerprint.
+    What an older checkpoint does not hold (no fingerprint, no factor names) is not compared."""
+    compared = ["size", "channels", "dataset_size"]
+    if previous["factor_names"]:
+        compared += ["factor_names", "factor_sizes"]
     if previous["data_fingerprint"]:
         compared.append("data_fingerprint")
     differ = [name for name in compared if config[name] != previous[name]]
@@ -397,7 +440,7 @@ def _saved(config):
     return {name: value for name, value in config.items() if name not in PER_INVOCATION}
 
 
-# ============================================================================= processes and devices
+# ========================================================================= processes and devices
 
 def _start_processes(args):
     """Under torchrun (RANK set): join the process group (NCCL on CUDA, gloo on the CPU) and
@@ -458,6 +501,26 @@ class _BatchSampler:
         self.position = state["position"]
 
 
+class _PairSampler:
+    """adagvae/mlvae: each step's pairs as one index (2 x pairs,), [first images; second images],
+    drawn by data.PairSampler from its own generator, whose state is saved for --resume."""
+
+    def __init__(self, dataset, k, pairs, seed):
+        self.pairs = data.PairSampler(dataset.factors, dataset.factor_sizes, k)
+        self.count = pairs
+        self.rng = np.random.default_rng(seed)
+
+    def next(self):
+        first, second = self.pairs.draw(self.count, self.rng)
+        return np.concatenate([first, second])
+
+    def state_dict(self):
+        return {"pair_generator": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state):
+        self.rng.bit_generator.state = state["pair_generator"]
+
+
 AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -481,12 +544,20 @@ class _Run:
             self.discriminator_optimizer = torch.optim.Adam(
                 self.discriminator.parameters(), lr=losses.DISCRIMINATOR_LR,
                 betas=losses.DISCRIMINATOR_BETAS, **fast)
-        self.sampler = _BatchSampler(len(dataset), config["batch_size"], config["seed"])
-        # this process's slice of every global batch
+        batch = config["batch_size"]
+        pairs = config["model"] in losses.PAIR_OBJECTIVES
+        if pairs:
+            self.sampler = _PairSampler(dataset, config["k"], batch, config["seed"])
+        else:
+            self.sampler = _BatchSampler(len(dataset), batch, config["seed"])
+        self.images_per_step = 2 * batch if pairs else batch
+        # this process's slice of every global batch; of pairs, both images of its pairs
         world = runtime.world_size()
         rank = runtime.rank()
-        self.local = slice(rank * config["batch_size"] // world,
-                           (rank + 1) * config["batch_size"] // world)
+        self.local = slice(rank * batch // world, (rank + 1) * batch // world)
+        if pairs:
+            mine = np.arange(self.local.start, self.local.stop)
+            self.local = np.concatenate([mine, batch + mine])
         self.step = 0
         self.history = []
         self.evaluations = []
@@ -549,14 +620,35 @@ def _objective_weights(config, dataset_size):
     return {"dataset_size": dataset_size, **{name: config[name] for name in names}}
 
 
+class _PairModel(torch.nn.Module):
+    """adagvae/mlvae's forward, as the model's own: x (2P, C, H, W), [first images; second
+    images], and noise (2P, D) -> logits, the encoder's mu and logvar, and z sampled from the
+    pairs' aggregated posteriors (losses.aggregate_pair), which the decoder reads."""
+
+    def __init__(self, model, method):
+        super().__init__()
+        self.model = model
+        self.method = method
+
+    def forward(self, x, noise):
+        mu, logvar = self.model.encode(x)
+        pairs = len(x) // 2
+        mu1, logvar1, mu2, logvar2 = losses.aggregate_pair(
+            mu[:pairs], logvar[:pairs], mu[pairs:], logvar[pairs:], self.method)
+        z = torch.cat([mu1, mu2]) + noise * torch.exp(0.5 * torch.cat([logvar1, logvar2]))
+        return self.model.decode(z), mu, logvar, z
+
+
 def _step_modules(run, config, device):
-    """What the step calls: DDP wrappers under torchrun (they average the gradients), the model
-    compiled on --compile."""
+    """What the step calls: the model (for pairs inside _PairModel), DDP wrappers under torchrun
+    (they average the gradients), the model compiled on --compile."""
     step_model = run.model
+    if config["model"] in losses.PAIR_OBJECTIVES:
+        step_model = _PairModel(run.model, config["model"])
     step_discriminator = run.discriminator
     if runtime.world_size() > 1:
         device_ids = None if device.type == "cpu" else [device]
-        step_model = torch.nn.parallel.DistributedDataParallel(run.model, device_ids=device_ids)
+        step_model = torch.nn.parallel.DistributedDataParallel(step_model, device_ids=device_ids)
         if run.discriminator is not None:
             step_discriminator = torch.nn.parallel.DistributedDataParallel(
                 run.discriminator, device_ids=device_ids)
@@ -600,10 +692,11 @@ def _train_step(run, x, noise):
     not, no optimizer stepped)."""
     with run.autocast():
         logits, mu, logvar, z = run.step_model(x, noise)
-    # the whole global batch
-    mu = _gather(mu)
-    logvar = _gather(logvar)
-    z = _gather(z)
+    if run.config["model"] not in losses.PAIR_OBJECTIVES:  # pairs: each process its own
+        # the whole global batch
+        mu = _gather(mu)
+        logvar = _gather(logvar)
+        z = _gather(z)
     tc_logits = None
     if run.discriminator is not None:
         tc_logits = _fixed_discriminator(run.discriminator, z.float())
@@ -703,7 +796,8 @@ def _periodic_mig(run):
     try:
         result, note = runtime.evaluate_codes(mu, logvar, run.dataset, index, seed, only_mig=True)
     except ValueError as error:
-        result, note = {}, str(error)
+        result = {}
+        note = str(error)
     if "mig_discrete" not in result:
         print(f"\nstep {run.step}: MIG not measured: {note}", file=sys.stderr)
         return None
@@ -747,14 +841,14 @@ def _loop(run, stop):
     """The training loop, until the config's steps or a signal; returns its progress meter."""
     config = run.config
     device = run.device
-    progress = runtime.Progress(config["steps"], run.step, config["batch_size"],
+    progress = runtime.Progress(config["steps"], run.step, run.images_per_step,
                                 config["log_every"], live=runtime.rank() == 0)
     window = {}
     skipped_in_a_row = 0
     while run.step < config["steps"] and not _any_process_stopping(stop, device):
         # this process's slice of the global batch, and of the global reparameterisation noise
         index = run.sampler.next()
-        noise = torch.randn(config["batch_size"], config["latents"], device=device)[run.local]
+        noise = torch.randn(run.images_per_step, config["latents"], device=device)[run.local]
         terms, finite = _train_step(run, run.source.batch(index[run.local]), noise)
         # a non-finite loss or gradient: skip the batch (--skip-nonfinite) or stop
         if not finite:
@@ -833,7 +927,9 @@ def _final_evaluation(run, final):
     labels = (("mig_discrete", "discrete"), ("mig_gaussian", "gaussian"))
     migs = [f"{label} {result[name]['mig']:.3f}" for name, label in labels
             if "mig" in result.get(name, {})]
-    return f", MIG on {rows:,} images: {', '.join(migs)}" if migs else f", evaluated {rows:,} images"
+    if not migs:
+        return f", evaluated {rows:,} images"
+    return f", MIG on {rows:,} images: {', '.join(migs)}"
 
 
 class _Interrupted(Exception):

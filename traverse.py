@@ -6,8 +6,8 @@
 
 Writes into --out (default: the checkpoint's folder):
   traversal.png        one row per latent, most informative first (largest mean KL): the code of
-                       --image with that latent swept over [-range, range]; each row is labelled with
-                       the latent's mean KL and the factor it holds most information about
+                       --image with that latent swept over [-range, range]; each row is labelled
+                       with the latent's mean KL and the factor it holds most information about
   traversal.gif        the same sweep with every latent moving at once: one cell per latent (in the
                        order of traversal.png), one frame per sweep value, forward and back, looping
   reconstructions.png  8 images (top) above their reconstructions (bottom)
@@ -47,7 +47,9 @@ GIF_COLUMNS = 5      # at most this many latents per row of traversal.gif
 GIF_HEADER = 16      # pixels above the cells of traversal.gif, for the sweep value
 GIF_LABEL = 12       # pixels above each cell of traversal.gif, for the latent's name
 PAD = 2              # pixels between the images of every grid
-PANEL_WIDTH, PANEL_HEIGHT, PANEL_COLUMNS = 260, 160, 3  # history.png: one panel per term
+PANEL_WIDTH = 260  # history.png: one panel per term
+PANEL_HEIGHT = 160
+PANEL_COLUMNS = 3
 LOG_SCALE = 20  # history.png plots positive values spanning this factor or more on a log scale
 NOT_PLOTTED = ("step", "img_per_s", "samples")  # entries of history/evaluations that are not terms
 
@@ -55,7 +57,8 @@ NOT_PLOTTED = ("step", "img_per_s", "samples")  # entries of history/evaluations
 HEADLINES = {"mig_discrete": ("mig",), "mig_gaussian": ("mig",), "beta_vae_score": ("score",),
              "factor_vae_score": ("score",),
              "dci": ("disentanglement", "completeness", "informativeness_test"),
-             "sap_score": ("score",), "modularity_explicitness": ("modularity", "explicitness_test"),
+             "sap_score": ("score",),
+             "modularity_explicitness": ("modularity", "explicitness_test"),
              "gaussian_total_correlation": ("score",), "mutual_info_score": ("score",)}
 
 
@@ -69,7 +72,8 @@ def parse_args(argv=None):
         prog="traverse.py", formatter_class=_Formatter,
         description="Draw pictures of what each latent of a trained model does, and optionally\n"
                     "measure every disentanglement metric and export the codes of the dataset.\n\n"
-                    "  python traverse.py ckpt.pt                        # traversal.png/.gif, ...\n"
+                    "  python traverse.py ckpt.pt                        # traversal.png/.gif, "
+                    "...\n"
                     "  python traverse.py ckpt.pt --metrics --out grids  # + metrics.json, mi.png\n"
                     "  python traverse.py ckpt.pt --codes codes.npz      # + means, log-variances, "
                     "factors\n\n"
@@ -90,7 +94,8 @@ def parse_args(argv=None):
                         "this .npz file")
     g = p.add_argument_group("pictures")
     g.add_argument("--image", type=int, default=0, help="index of the image whose code is swept")
-    g.add_argument("--range", type=float, default=3.0, help="sweep each latent over [-range, range]")
+    g.add_argument("--range", type=float, default=3.0,
+                   help="sweep each latent over [-range, range]")
     g.add_argument("--steps", type=int, default=10,
                    help="sweep values: columns of traversal.png, frames of traversal.gif "
                         "(2 x steps - 2, forward and back)")
@@ -104,10 +109,12 @@ def parse_args(argv=None):
                    help="seed of the metrics' sampling, the prior samples and the image subsets")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
-    checks = [(not (args.range > 0 and math.isfinite(args.range)), "--range must be a positive number"),
-              (args.steps < 2, "--steps must be at least 2"),
-              (args.stats_subset < 1, "--stats-subset must be at least 1"),
-              (args.image < 0, "--image must be >= 0")]
+    checks = [
+        (not (args.range > 0 and math.isfinite(args.range)), "--range must be a positive number"),
+        (args.steps < 2, "--steps must be at least 2"),
+        (args.stats_subset < 1, "--stats-subset must be at least 1"),
+        (args.image < 0, "--image must be >= 0"),
+    ]
     for failed, message in checks:
         if failed:
             p.error(message)
@@ -128,7 +135,8 @@ def tile(images, columns, background=255):
     rows = -(-n // columns)
     grid = np.full((rows * (h + PAD) + PAD, columns * (w + PAD) + PAD, 3), background, np.uint8)
     for i, image in enumerate(images):
-        top, left = PAD + (i // columns) * (h + PAD), PAD + (i % columns) * (w + PAD)
+        top = PAD + (i // columns) * (h + PAD)
+        left = PAD + (i % columns) * (w + PAD)
         grid[top:top + h, left:left + w] = image if c == 3 else image.repeat(3, axis=2)
     return Image.fromarray(grid)
 
@@ -137,16 +145,19 @@ def with_labels(grid, labels, row_height, width=170):
     """Put one text label left of each row of `grid` (rows of row_height pixels, PAD apart)."""
     canvas = Image.new("RGB", (grid.width + width, grid.height), "white")
     canvas.paste(grid, (width, 0))
-    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
     for i, label in enumerate(labels):
-        draw.text((4, PAD + i * (row_height + PAD) + row_height // 2 - 6), label, fill="black", font=font)
+        top = PAD + i * (row_height + PAD) + row_height // 2 - 6
+        draw.text((4, top), label, fill="black", font=font)
     return canvas
 
 
 def heatmap(matrix, row_names, column_names, cell=56):
     """A table of values in [0, 1] with its numbers written in the cells (white = 0, blue = 1)."""
     rows, columns = matrix.shape
-    left, top = 48, 28
+    left = 48
+    top = 28
     font = ImageFont.load_default()
     measure = ImageDraw.Draw(Image.new("1", (1, 1)))
     cell = max([cell] + [int(measure.textlength(name, font=font)) + 10 for name in column_names])
@@ -181,7 +192,9 @@ def gif_columns(latents):
 
 def gif_cell_origin(i, size, columns):
     """(top, left) pixel of cell i's image (size x size) in a frame of traversal.gif."""
-    return GIF_HEADER + (i // columns) * (GIF_LABEL + size + PAD) + GIF_LABEL, PAD + (i % columns) * (size + PAD)
+    top = GIF_HEADER + (i // columns) * (GIF_LABEL + size + PAD) + GIF_LABEL
+    left = PAD + (i % columns) * (size + PAD)
+    return top, left
 
 
 def gif_frames(pixels, names, values):
@@ -230,11 +243,13 @@ def nice_ticks(low, high, count=4, smallest_spacing=0.0):
     """About `count` round values (1, 2 or 5 times a power of ten apart, at least
     smallest_spacing) spanning [low, high]: the axis runs from the first to the last."""
     if high - low <= 1e-9 * max(abs(low), abs(high), 1.0):  # a flat line: centre it
-        low, high = low - max(abs(low) * 0.05, 0.5), high + max(abs(high) * 0.05, 0.5)
+        low = low - max(abs(low) * 0.05, 0.5)
+        high = high + max(abs(high) * 0.05, 0.5)
     raw = (high - low) / (count - 1)
     power = 10.0 ** math.floor(math.log10(raw))
     spacing = max(next(m * power for m in (1, 2, 5, 10) if m * power >= raw), smallest_spacing)
-    first, last = math.floor(low / spacing), math.ceil(high / spacing)
+    first = math.floor(low / spacing)
+    last = math.ceil(high / spacing)
     return [i * spacing for i in range(first, last + 1)]
 
 
@@ -247,7 +262,8 @@ def tick_label(value):
 
 def log_ticks(low, high):
     """Powers of ten spanning [low, high] (both > 0), with 2 and 5 between them within 2 decades."""
-    first, last = math.floor(math.log10(low)), math.ceil(math.log10(high))
+    first = math.floor(math.log10(low))
+    last = math.ceil(math.log10(high))
     multiples = (1, 2, 5) if last - first <= 2 else (1,)
     ticks = [m * 10.0 ** e for e in range(first, last) for m in multiples] + [10.0 ** last]
     lowest = max(t for t in ticks if t <= low)
@@ -260,30 +276,38 @@ def draw_panel(title, steps, values):
     value axis is logarithmic (and the title says so) when the values are positive and span a
     factor of LOG_SCALE or more, as a loss that falls from thousands to tens does."""
     image = Image.new("RGB", (PANEL_WIDTH, PANEL_HEIGHT), "white")
-    draw, font = ImageDraw.Draw(image), ImageFont.load_default()
-    left, right, top, bottom = 56, PANEL_WIDTH - 16, 20, PANEL_HEIGHT - 22
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    left = 56
+    right = PANEL_WIDTH - 16
+    top = 20
+    bottom = PANEL_HEIGHT - 22
     logarithmic = min(values) > 0 and max(values) >= LOG_SCALE * min(values)
     draw.text((left, 4), title + (" (log scale)" if logarithmic else ""), fill="black", font=font)
     scale = math.log10 if logarithmic else (lambda value: value)
-    y_ticks = log_ticks(min(values), max(values)) if logarithmic else nice_ticks(min(values), max(values))
+    ticks = log_ticks if logarithmic else nice_ticks
+    y_ticks = ticks(min(values), max(values))
     x_ticks = nice_ticks(min(steps), max(steps), smallest_spacing=1)
 
     def x(step):
         return left + (step - x_ticks[0]) / (x_ticks[-1] - x_ticks[0]) * (right - left)
 
     def y(value):
-        low, high = scale(y_ticks[0]), scale(y_ticks[-1])
+        low = scale(y_ticks[0])
+        high = scale(y_ticks[-1])
         return bottom - (scale(value) - low) / (high - low) * (bottom - top)
 
     draw.rectangle((left, top, right, bottom), outline=(160, 160, 160))
     for value in y_ticks:
         label = tick_label(value)
         draw.line((left - 3, y(value), left, y(value)), fill="black")
-        draw.text((left - 5 - draw.textlength(label, font=font), y(value) - 6), label, fill="black", font=font)
+        label_left = left - 5 - draw.textlength(label, font=font)
+        draw.text((label_left, y(value) - 6), label, fill="black", font=font)
     for step in x_ticks:
         label = tick_label(step)
         draw.line((x(step), bottom, x(step), bottom + 3), fill="black")
-        draw.text((x(step) - draw.textlength(label, font=font) / 2, bottom + 5), label, fill="black", font=font)
+        label_left = x(step) - draw.textlength(label, font=font) / 2
+        draw.text((label_left, bottom + 5), label, fill="black", font=font)
     points = [(x(s), y(v)) for s, v in zip(steps, values)]
     if len(points) > 1:
         draw.line(points, fill=(31, 90, 180), width=2)
@@ -331,12 +355,15 @@ def latent_labels(order, mean_kl, normalized_mi, factor_names):
 
 
 def mean_kl(mu, logvar):
-    """Mean over the rows of KL(q(z_j|x) || N(0, 1)) per latent (losses.kl_normal): (D,) float64, nats."""
-    return losses.kl_normal(torch.from_numpy(mu).double(), torch.from_numpy(logvar).double()).mean(0).numpy()
+    """Mean over the rows of KL(q(z_j|x) || N(0, 1)) per latent (losses.kl_normal): (D,) float64,
+    nats."""
+    kl = losses.kl_normal(torch.from_numpy(mu).double(), torch.from_numpy(logvar).double())
+    return kl.mean(0).numpy()
 
 
 def traversal_codes(code, order, values):
-    """(len(order) * len(values), D): `code` repeated; in block r, latent order[r] takes each value."""
+    """(len(order) * len(values), D): `code` repeated; in block r, latent order[r] takes each
+    value."""
     codes = code.repeat(len(order) * len(values), 1)
     for row, j in enumerate(order):
         codes[row * len(values):(row + 1) * len(values), j] = values
@@ -356,14 +383,17 @@ def draw_grids(model, source, order, labels, gif_names, image, value_range, step
     paths = {name: os.path.join(out, name) for name in
              ("traversal.png", "traversal.gif", "reconstructions.png", "samples.png")}
     with_labels(tile(pixels, steps), labels, size).save(paths["traversal.png"])
-    frames = gif_frames(pixels.reshape(len(order), steps, *pixels.shape[1:]), gif_names, values.tolist())
-    frames[0].save(paths["traversal.gif"], save_all=True, append_images=frames[1:], duration=FRAME_MS, loop=0)
+    sweeps = pixels.reshape(len(order), steps, *pixels.shape[1:])
+    frames = gif_frames(sweeps, gif_names, values.tolist())
+    frames[0].save(paths["traversal.gif"], save_all=True, append_images=frames[1:],
+                   duration=FRAME_MS, loop=0)
 
     rng = np.random.default_rng(seed)
     originals = source.batch(rng.choice(len(source), min(8, len(source)), replace=False))
     reconstructed = to_pixels(model.decode(model.encode(originals)[0]))
     originals = (originals * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    tile(np.concatenate([originals, reconstructed]), len(originals)).save(paths["reconstructions.png"])
+    pairs = tile(np.concatenate([originals, reconstructed]), len(originals))
+    pairs.save(paths["reconstructions.png"])
 
     prior = torch.randn(64, model.latents, generator=torch.Generator().manual_seed(seed))
     tile(to_pixels(model.decode(prior.to(source.device))), 8).save(paths["samples.png"])
@@ -375,7 +405,8 @@ def draw_grids(model, source, order, labels, gif_names, image, value_range, step
 def varying_factor_names(dataset, index):
     """Names of the dataset's factors that take two values or more in the rows `index`."""
     factors = dataset.factors[index]
-    return [name for name, low, high in zip(dataset.factor_names, factors.min(0), factors.max(0)) if low != high]
+    varies = factors.min(0) != factors.max(0)
+    return [name for name, varying in zip(dataset.factor_names, varies) if varying]
 
 
 def normalized_mi(result):
@@ -396,13 +427,15 @@ def metric_table(result):
         if "error" in entry:
             lines.append(f"{name:<28}not measured: {entry['error']}")
             continue
-        keys = ([k for k in HEADLINES.get(name, ()) if k in entry]
-                or [k for k, v in entry.items() if isinstance(v, (int, float, np.number))])  # unknown metric
+        keys = [k for k in HEADLINES.get(name, ()) if k in entry]
+        if not keys:  # a metric the table does not know: its numbers
+            keys = [k for k, v in entry.items() if isinstance(v, (int, float, np.number))]
         if not keys:
             lines.append(f"{name:<28}(see metrics.json)")
             continue
         values = [f"{float(entry[k]):.3f}" for k in keys]
-        lines.append(f"{name:<28}{values[0]:>7}" + "".join(f"  {k} {v}" for k, v in zip(keys[1:], values[1:])))
+        others = "".join(f"  {k} {v}" for k, v in zip(keys[1:], values[1:]))
+        lines.append(f"{name:<28}{values[0]:>7}" + others)
     return lines
 
 
@@ -419,7 +452,7 @@ def json_ready(value):
 
 
 def write_codes(path, mu, logvar, dataset):
-    """np.savez the codes (and factors, if any) of the whole dataset to `path` exactly (no pickle)."""
+    """np.savez the codes (and factors, if any) of the whole dataset to `path` (no pickle)."""
     arrays = {"mu": mu, "logvar": logvar}
     if dataset.factors is not None:
         arrays.update(factors=np.asarray(dataset.factors, np.int64),
@@ -433,12 +466,14 @@ def write_codes(path, mu, logvar, dataset):
 
 
 def check_writable(path, option):
-    """UserError naming `option` unless a file can be written at `path` (checked before the work)."""
+    """UserError naming `option` unless a file can be written at `path` (checked before work)."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
-        raise runtime.UserError(f"{option} {path}: is a folder; give a file path such as {path}/codes.npz")
+        raise runtime.UserError(f"{option} {path}: is a folder; give a file path such as "
+                                f"{path}/codes.npz")
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise runtime.UserError(f"{option} {path}: folder {folder} does not exist or is not writable")
+        raise runtime.UserError(f"{option} {path}: folder {folder} does not exist or is not "
+                                "writable")
 
 
 def measure(mu, logvar, dataset, seed, out, checkpoint, step):
@@ -451,8 +486,9 @@ def measure(mu, logvar, dataset, seed, out, checkpoint, step):
     except ValueError as error:  # the codes themselves cannot be measured (e.g. not finite)
         raise runtime.UserError(f"{checkpoint}: cannot measure its codes: {error}") from error
     names = varying_factor_names(dataset, index) if dataset.factors is not None else []
-    report = {"checkpoint": checkpoint, "step": step, "dataset": dataset.name, "images": len(dataset),
-              "seed": seed, "factor_names": names, "note": note, "metrics": json_ready(result)}
+    report = {"checkpoint": checkpoint, "step": step, "dataset": dataset.name,
+              "images": len(dataset), "seed": seed, "factor_names": names, "note": note,
+              "metrics": json_ready(result)}
     paths = [os.path.join(out, "metrics.json")]
     with open(paths[0], "w") as f:
         json.dump(report, f, indent=1, allow_nan=False)
@@ -460,8 +496,9 @@ def measure(mu, logvar, dataset, seed, out, checkpoint, step):
     if mi is not None:
         paths.append(os.path.join(out, "mi.png"))
         heatmap(mi, [f"z{j}" for j in range(len(mi))], names).save(paths[1])
-    print(f"metrics of {checkpoint} (step {step:,}) on all {len(dataset):,} images of {dataset.name}"
-          + ("" if dataset.factors is not None else " (no ground-truth factors: label-free metrics only)"))
+    unlabelled = " (no ground-truth factors: label-free metrics only)"
+    print(f"metrics of {checkpoint} (step {step:,}) on all {len(dataset):,} images of "
+          f"{dataset.name}" + ("" if dataset.factors is not None else unlabelled))
     print("\n".join(metric_table(result)))
     if note:
         print(note, file=sys.stderr)
@@ -491,8 +528,9 @@ def load_run(args):
         dataset = runtime.load_checkpoint_data(config, args.checkpoint)
     channels, size = runtime.check_dataset(dataset, config["arch"], source_name)
     if (channels, size) != (config["channels"], config["size"]):
+        trained = f"{config['size']}x{config['size']}x{config['channels']}"
         raise runtime.UserError(f"{source_name}: images are {size}x{size}x{channels}, the model "
-                              f"was trained on {config['size']}x{config['size']}x{config['channels']}")
+                                f"was trained on {trained}")
     if args.image >= len(dataset):
         raise runtime.UserError(f"--image {args.image}: {dataset.name} has {len(dataset)} images "
                               f"(0 to {len(dataset) - 1})")
@@ -506,7 +544,8 @@ def encode(args, state, model, dataset, source, out):
         index = runtime.evaluation_index(dataset, args.stats_subset, args.seed)
         return (index, *runtime.encode_dataset(model, source, index), {}, [])
     mu, logvar = runtime.encode_dataset(model, source, what=f"encoding {len(dataset):,} images")
-    result, written = {}, []
+    result = {}
+    written = []
     if args.codes:
         write_codes(args.codes, mu, logvar, dataset)
         written.append(args.codes)
@@ -519,17 +558,20 @@ def encode(args, state, model, dataset, source, out):
 def label_latents(mu, logvar, dataset, index, result, seed):
     """The latents' order (largest mean KL first) and their names in traversal.png and .gif. The
     factors' normalised MI comes from `result` (--metrics) or, when it is empty, from the discrete
-    MIG of these codes on the factors that vary in these rows (what is left out is said on stderr)."""
+    MIG of these codes on the factors that vary in these rows (what is left out is said on
+    stderr)."""
     if dataset.factors is not None and not result:  # not measured yet (no --metrics)
         try:
             result, note = runtime.evaluate_codes(mu, logvar, dataset, index, seed, only_mig=True)
         except ValueError as error:
-            result, note = {}, f"no factor labels: {error}"
+            result = {}
+            note = f"no factor labels: {error}"
         if note:
             print(note, file=sys.stderr)
     kl = mean_kl(mu, logvar)
     order = np.argsort(-kl, kind="stable")
-    mi, names = normalized_mi(result), []
+    mi = normalized_mi(result)
+    names = []
     if dataset.factors is not None:
         names = varying_factor_names(dataset, index)
         mi = mi if mi is not None else np.zeros((mu.shape[1], 0))
@@ -539,7 +581,8 @@ def label_latents(mu, logvar, dataset, index, result, seed):
 
 
 def make_pictures(args):
-    """The whole command: load, encode, measure and export (if asked), draw; returns the exit code."""
+    """The whole command: load, encode, measure and export (if asked), draw; returns the exit
+    code."""
     state, model, dataset, source = load_run(args)
     out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
     try:

@@ -1,9 +1,9 @@
 """Studies with train.py: a grid of runs trained here or on a SLURM cluster, then the results table.
 
-    python examples/reproduce.py run                        # 7 objectives x 3 seeds on sprites (README)
-    python examples/reproduce.py run --workers 4            # 4 at once: one per GPU, or the CPU cores shared
-    python examples/reproduce.py run --slurm --gres gpu:1   # write runs/study.sbatch, a SLURM job array
-    python examples/reproduce.py table                      # the table of every finished run in runs/
+    python examples/reproduce.py run                       # 7 objectives x 3 seeds on sprites
+    python examples/reproduce.py run --workers 4           # 4 at once: a GPU each, or CPU cores
+    python examples/reproduce.py run --slurm --gres gpu:1  # write runs/study.sbatch (job array)
+    python examples/reproduce.py table                     # the table of the finished runs
 
 A study is a grid (datasets x objectives x betas x seeds x any other train.py option) whose runs
 keep their checkpoints in one folder (--out). Each run is one `python train.py ...` command, printed
@@ -42,7 +42,8 @@ TRAIN = os.path.normpath(os.path.join(HERE, os.pardir, "train.py"))
 OBJECTIVES = ("ae", "vae", "betavae", "betatc", "factorvae", "dipvae1", "dipvae2")
 TITLES = {"ae": "AE", "vae": "VAE", "betavae": "beta-VAE", "betatc": "beta-TCVAE",
           "factorvae": "FactorVAE", "dipvae1": "DIP-VAE-I", "dipvae2": "DIP-VAE-II"}
-BETA_OBJECTIVES = ("betavae", "betatc")  # beta means nothing to the others: they are not run per beta
+# beta means nothing to the other objectives: they are not run per beta
+BETA_OBJECTIVES = ("betavae", "betatc")
 HYPERPARAMETERS = {"betavae": ("beta", "capacity"), "betatc": ("beta",), "factorvae": ("gamma",),
                    "dipvae1": ("lambda_od", "lambda_d"), "dipvae2": ("lambda_od", "lambda_d")}
 # The README's recipe, given to every run; --set or options after -- replace any of it.
@@ -53,9 +54,10 @@ SET_BY_THE_RUNNER = {
     "steps": "use --steps", "out": "use --out", "resume": "it resumes unfinished runs itself",
     "force": "it never overwrites a finished run",
     "final-eval": "a study measures every run on the whole dataset"}
-NOT_IN_THE_NAME = ("device", "log-every", "save-every", "eval-every", "eval-subset", "compile", "debug")
-DERIVED = ("seed", "channels", "size", "dataset_size", "dataset_name", "factor_names", "factor_sizes",
-           "data_fingerprint")
+NOT_IN_THE_NAME = ("device", "log-every", "save-every", "eval-every", "eval-subset", "compile",
+                   "debug")
+DERIVED = ("seed", "channels", "size", "dataset_size", "dataset_name", "factor_names",
+           "factor_sizes", "data_fingerprint")
 MIGS = {"mig_gaussian": "MIG (Chen et al.)", "mig_discrete": "MIG (discretized)"}
 COLOURS = ("#666666", "#7570b3", "#1b9e77", "#d95f02", "#e7298a", "#66a61e", "#e6ab02")
 
@@ -77,7 +79,8 @@ def canonical(value):
 
 
 def data_label(data):
-    """'sprites:positions=2,scales=2' -> 'sprites_positions2_scales2'; '/d/3dshapes.h5' -> '3dshapes'."""
+    """'sprites:positions=2,scales=2' -> 'sprites_positions2_scales2';
+    '/d/3dshapes.h5' -> '3dshapes'."""
     source, _, options = data.partition(":")
     name = os.path.splitext(os.path.basename(source.rstrip("/")))[0]
     options = "".join(c if c.isalnum() or c == "." else "_" for c in options.replace("=", ""))
@@ -85,8 +88,10 @@ def data_label(data):
 
 
 def parse_passthrough(tokens):
-    """Options after a lone `--`: ['--lr', '5e-4', '--compile'] -> {'lr': '5e-4', 'compile': None}."""
-    options, name = {}, None
+    """Options after a lone `--`: ['--lr', '5e-4', '--compile'] -> {'lr': '5e-4',
+    'compile': None}."""
+    options = {}
+    name = None
     for token in tokens:
         if token.startswith("--"):
             name, equals, value = token[2:].partition("=")
@@ -170,7 +175,8 @@ def printable(arguments):
 
 def is_finished(checkpoint):
     """Its final metrics were measured on the whole dataset (or it has no final metrics to take)."""
-    final, size = checkpoint.get("final"), checkpoint["config"]["dataset_size"]
+    final = checkpoint.get("final")
+    size = checkpoint["config"]["dataset_size"]
     return isinstance(final, dict) and final.get("samples", size) == size
 
 
@@ -192,7 +198,8 @@ def mode(state):
 # ----------------------------------------------------------------------------- local workers
 
 def visible_gpus(gpus, options):
-    """The GPUs the workers share: --gpus, else those of CUDA_VISIBLE_DEVICES, else all torch sees."""
+    """The GPUs the workers share: --gpus, else those of CUDA_VISIBLE_DEVICES, else all torch
+    sees."""
     if options.get("device") == "cpu":
         return []
     if gpus is None and os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
@@ -203,7 +210,8 @@ def visible_gpus(gpus, options):
 
 
 def worker_environment(slot, workers, gpus, cores):
-    """The environment of worker `slot` of `workers`: its GPU (round-robin) and its share of the cores."""
+    """The environment of worker `slot` of `workers`: its GPU (round-robin) and its share of the
+    cores."""
     env = dict(os.environ)
     threads = str(max(1, cores // workers))
     env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
@@ -227,12 +235,14 @@ class StopRequest:
     save their checkpoints; a second signal is passed on again, and train.py then leaves at once."""
 
     def __init__(self):
-        self.signal, self.count = None, 0
+        self.signal = None
+        self.count = 0
         self.previous = {sig: signal.signal(sig, self.handle)
                          for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
 
     def handle(self, signum, frame):
-        self.signal, self.count = self.signal or signum, self.count + 1
+        self.signal = self.signal or signum
+        self.count = self.count + 1
 
     def restore(self):
         for sig, handler in self.previous.items():
@@ -256,7 +266,9 @@ def start(run, state, env, label, logs):
 
 def report(job, stop):
     """Say how a run ended; returns whether it failed (a run the runner stopped has not)."""
-    code, name, label = job["process"].returncode, job["run"]["name"], job["label"]
+    code = job["process"].returncode
+    name = job["run"]["name"]
+    label = job["label"]
     seconds = time.perf_counter() - job["started"]
     took = f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
     if code == 0:
@@ -272,8 +284,13 @@ def report(job, stop):
 
 
 def run_locally(todo, workers, gpus, logs):
-    """Train `todo` ([(run, state)]) with `workers` processes at once; returns (failed jobs, signal)."""
-    cores, queue, running, failed, forwarded = cpu_cores(), list(enumerate(todo, 1)), {}, [], 0
+    """Train `todo` ([(run, state)]) with `workers` processes at once; returns (failed jobs,
+    signal)."""
+    cores = cpu_cores()
+    queue = list(enumerate(todo, 1))
+    running = {}
+    failed = []
+    forwarded = 0
     print(f"{workers} worker(s): " + (f"GPUs {', '.join(gpus)} round-robin" if gpus else "CPU") +
           f", {max(1, cores // workers)} thread(s) each; logs in {logs}", flush=True)
     stop = StopRequest()
@@ -317,7 +334,8 @@ def run_study(args, runs):
         gpus = visible_gpus(args.gpus, runs[0]["options"])
         failed, stopped = run_locally(todo, args.workers, gpus, os.path.join(args.out, "logs"))
         if stopped:
-            print(f"stopped by {signal.Signals(stopped).name}: run the same command again to continue")
+            print(f"stopped by {signal.Signals(stopped).name}: run the same command again to "
+                  "continue")
             return 128 + stopped
         if failed:
             print(f"{len(failed)} of {len(todo)} runs failed (the table leaves them out):\n" +
@@ -338,10 +356,12 @@ def slurm_script(args, runs):
               ("time", args.time), ("cpus-per-task", args.cpus_per_task), ("mem", args.mem),
               ("gres", args.gres), ("partition", args.partition)]
     lines = ["#!/bin/bash",
-             f"# {len(runs)} train.py runs of a study, written by examples/reproduce.py. Task i trains",
-             "# run i: skipped if its checkpoint is finished, resumed if it exists, started otherwise."]
+             f"# {len(runs)} train.py runs of a study, written by examples/reproduce.py. Task i",
+             "# trains run i: skipped if its checkpoint is finished, resumed if it exists, started",
+             "# otherwise."]
     lines += [f"#SBATCH --{key}={value}" for key, value in sbatch if value]
-    lines += [f"#SBATCH {option if option.startswith('-') else '--' + option}" for option in args.sbatch]
+    lines += [f"#SBATCH {option if option.startswith('-') else '--' + option}"
+              for option in args.sbatch]
     lines += ["set -eo pipefail",  # a failing --setup line stops the task
               f"cd {shlex.quote(os.getcwd())}"]
     lines += args.setup + [
@@ -369,8 +389,8 @@ def write_slurm(args, runs):
     with open(path, "w") as f:
         f.write(slurm_script(args, runs))
     this = shlex.quote(os.path.relpath(os.path.abspath(__file__)))
-    print(f"wrote {path}: {len(runs)} runs as a job array (tasks 0-{len(runs) - 1}); finished runs are "
-          f"skipped, so it can be submitted again after a stop\n"
+    print(f"wrote {path}: {len(runs)} runs as a job array (tasks 0-{len(runs) - 1}); finished "
+          f"runs are skipped, so it can be submitted again after a stop\n"
           f"submit:            sbatch {shlex.quote(path)}\n"
           f"when it has ended: python {this} table --out {shlex.quote(args.out)}")
     return 0
@@ -397,11 +417,13 @@ def metric_values(final):
 def collect(folder):
     """Finished checkpoints of `folder`, grouped by everything in their config but the seed; and
     the files left out: unfinished, not checkpoints, or a second checkpoint of the same run."""
-    groups, left_out = {}, []
+    groups = {}
+    left_out = []
     for file in sorted(f for f in os.listdir(folder) if f.endswith(".pt")):
         try:  # the config completed as train.py reads it, so older checkpoints group with newer
             checkpoint = runtime.load_checkpoint(os.path.join(folder, file))
-            config, finished = checkpoint["config"], is_finished(checkpoint)
+            config = checkpoint["config"]
+            finished = is_finished(checkpoint)
         except runtime.UserError:  # not a checkpoint of this toolkit
             finished = False
         if not finished:
@@ -434,7 +456,8 @@ def summarise(groups):
                      if len({json.dumps(g["identity"].get(k), default=str) for g in groups}) > 1)
     rows = []
     for group in groups:
-        identity, runs = group["identity"], sorted(group["runs"], key=lambda run: run[:2])
+        identity = group["identity"]
+        runs = sorted(group["runs"], key=lambda run: run[:2])
         row = {"data": identity["data"], "objective": identity["model"],
                "settings": settings(identity, varying), "config": identity,
                "seeds": [seed for seed, _, _ in runs], "checkpoints": [file for _, file, _ in runs],
@@ -473,8 +496,9 @@ def markdown(rows):
              "|---" * (4 + len(columns)) + "|"]
     for row in rows:
         cells = [cell(row["metrics"].get(column)) for column in columns]
-        lines.append(f"| {data_label(row['data'])} | {TITLES.get(row['objective'], row['objective'])} | "
-                     f"{row['settings']} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+        title = TITLES.get(row["objective"], row["objective"])
+        lines.append(f"| {data_label(row['data'])} | {title} | {row['settings']} | "
+                     f"{len(row['seeds'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -485,11 +509,13 @@ def write_table(folder):
     groups, left_out = collect(folder)
     if not groups:
         this = os.path.relpath(os.path.abspath(__file__))
-        raise runtime.UserError(f"{folder}: no finished checkpoints ({len(left_out)} other .pt files); train "
-                        f"them with: python {this} run --out {folder}")
+        raise runtime.UserError(f"{folder}: no finished checkpoints ({len(left_out)} other .pt "
+                                f"files); train them with: python {this} run --out {folder}")
     rows = summarise(groups)
     text = markdown(rows)
-    note = f"; not counted (unfinished, foreign or a copy): {', '.join(left_out)}" if left_out else ""
+    note = ""
+    if left_out:
+        note = f"; not counted (unfinished, foreign or a copy): {', '.join(left_out)}"
     print(f"\n{sum(len(row['seeds']) for row in rows)} finished runs in {folder} "
           f"(median [min, max] over seeds){note}\n\n{text}")
     with open(os.path.join(folder, "table.md"), "w") as f:
@@ -497,12 +523,14 @@ def write_table(folder):
     with open(os.path.join(folder, "table.json"), "w") as f:
         json.dump({"rows": rows, "not_counted": left_out}, f, indent=1, default=str)
     for data in dict.fromkeys(row["data"] for row in rows):
-        label, subset = data_label(data), [row for row in rows if row["data"] == data]
+        label = data_label(data)
+        subset = [row for row in rows if row["data"] == data]
         draw_strips(subset, os.path.join(folder, f"mig-{label}.png"))
         curves = beta_curves(subset)
         if curves:
             draw_curves(curves, os.path.join(folder, f"mig_vs_beta-{label}.png"),
-                        f"{MIGS['mig_gaussian']} against beta on {label}: median and [min, max] over seeds")
+                        f"{MIGS['mig_gaussian']} against beta on {label}: median and [min, max] "
+                        "over seeds")
     print(f"wrote table.md, table.json and the MIG figures in {folder}")
     return 0
 
@@ -529,27 +557,33 @@ def axes(draw, font, left, top, width, height, ceiling, title):
     for k in range(5):
         v = ceiling * k / 4
         draw.line([(left - 4, y(v)), (left + width, y(v))], fill="black" if k == 0 else "#e4e4e4")
-        draw.text((left - 8 - text_width(f"{v:g}", font), y(v) - 6), f"{v:g}", fill="black", font=font)
+        label_left = left - 8 - text_width(f"{v:g}", font)
+        draw.text((label_left, y(v) - 6), f"{v:g}", fill="black", font=font)
     draw.line([(left, top), (left, top + height)], fill="black")
     return y
 
 
 def colour_of(objective):
-    return COLOURS[OBJECTIVES.index(objective) % len(COLOURS)] if objective in OBJECTIVES else "black"
+    if objective not in OBJECTIVES:
+        return "black"
+    return COLOURS[OBJECTIVES.index(objective) % len(COLOURS)]
 
 
 def draw_strips(rows, path, height=200, margin=50):
-    """One panel per MIG: a column per objective and setting, a point per seed, a bar at the median."""
+    """One panel per MIG: a column per objective and setting, a point per seed, a bar at the
+    median."""
     font = ImageFont.load_default()
     metrics = [m for m in MIGS if any(m in row["metrics"] for row in rows)]
     titles = [f"{MIGS[m]} on {data_label(rows[0]['data'])}: a point per seed, a bar at the median"
               for m in metrics]
-    labels = [[TITLES.get(row["objective"], row["objective"])] + row["settings"].split(", ") for row in rows]
+    labels = [[TITLES.get(row["objective"], row["objective"])] + row["settings"].split(", ")
+              for row in rows]
     column = max(64, max(text_width(text, font) + 12 for lines in labels for text in lines))
     width = max(column * len(rows), max(text_width(title, font) for title in titles) - margin)
     values = [v for row in rows for m in metrics if m in row["metrics"]
               for v in row["metrics"][m]["values"] if v is not None]
-    ceiling, panel = ceiling_of(values), height + 64 + 13 * max(map(len, labels))
+    ceiling = ceiling_of(values)
+    panel = height + 64 + 13 * max(map(len, labels))
     image = Image.new("RGB", (round(width + 2 * margin), panel * len(metrics)), "white")
     draw = ImageDraw.Draw(image)
     for p, (metric, title) in enumerate(zip(metrics, titles)):
@@ -563,7 +597,8 @@ def draw_strips(rows, path, height=200, margin=50):
             if summary is None:
                 continue
             median = y(summary["median"])
-            draw.line([(centre - column / 4, median), (centre + column / 4, median)], fill="black", width=2)
+            draw.line([(centre - column / 4, median), (centre + column / 4, median)],
+                      fill="black", width=2)
             points = [v for v in summary["values"] if v is not None]
             spacing = min(8, column / 2 / len(points))
             for i, v in enumerate(points):
@@ -574,11 +609,13 @@ def draw_strips(rows, path, height=200, margin=50):
 
 
 def beta_curves(rows):
-    """{label: {beta: summary of mig_gaussian}} for each objective (and setting) run at several betas."""
+    """{label: {beta: summary of mig_gaussian}} for each objective (and setting) run at several
+    betas."""
     curves = {}
     for row in rows:
         beta = row["config"].get("beta")
-        if row["objective"] in BETA_OBJECTIVES and beta is not None and "mig_gaussian" in row["metrics"]:
+        measured = "mig_gaussian" in row["metrics"]
+        if row["objective"] in BETA_OBJECTIVES and beta is not None and measured:
             rest = ", ".join(s for s in row["settings"].split(", ") if not s.startswith("beta "))
             label = TITLES[row["objective"]] + (f" ({rest})" if rest else "")
             curves.setdefault(label, {})[float(beta)] = row["metrics"]["mig_gaussian"]
@@ -605,7 +642,8 @@ def draw_curves(curves, path, title, height=320, margin=50):
         for b, p in points.items():
             draw.line([(x(b), y(p["min"])), (x(b), y(p["max"]))], fill=colour)
             draw.ellipse([x(b) - 3, y(p["median"]) - 3, x(b) + 3, y(p["median"]) + 3], fill=colour)
-        left, top = margin + plot + 20, 46 + 16 * row
+        left = margin + plot + 20
+        top = 46 + 16 * row
         draw.line([(left, top + 6), (left + 16, top + 6)], fill=colour, width=2)
         draw.text((left + 22, top), label, fill=colour, font=font)
     image.save(path)
@@ -614,8 +652,9 @@ def draw_curves(curves, path, title, height=320, margin=50):
 # ----------------------------------------------------------------------------- command line
 
 RUN_EPILOG = """examples:
-  reproduce.py run                                   # the README's table: 7 objectives x seeds 0 1 2
-  reproduce.py run --models betavae betatc --betas 1 2 4 6 8 10 --seeds 0 --steps 2500 --out runs/curve
+  reproduce.py run                               # the README's table: 7 objectives x seeds 0 1 2
+  reproduce.py run --models betavae betatc --betas 1 2 4 6 8 10 --seeds 0 --steps 2500 \\
+      --out runs/curve
   reproduce.py run --data shapes --steps 3000 --workers 2 --out runs/shapes
   reproduce.py run --set lr=1e-3,5e-4 --set factorvae:gamma=10,35 -- --device cuda
   reproduce.py run --slurm --gres gpu:1 --time 2:00:00 --setup 'source venv/bin/activate'
@@ -628,51 +667,79 @@ DATA-MODEL[-betaB]-seedS-STEPS[-HASH]; the hash covers the options that differ f
 
 def make_parser():
     p = runtime.ArgumentParser(prog="reproduce.py", description=__doc__.split("\n")[0],
-                                epilog=__doc__.split("\n", 2)[2],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                               epilog=__doc__.split("\n", 2)[2],
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     stages = p.add_subparsers(dest="stage", required=True, metavar="{run,table,state}")
     run = stages.add_parser(
-        "run", help="train every run of the grid that has not finished, here or as a SLURM job array",
-        description="Train every run of the grid that has not finished (N at once with --workers), "
-                    "then write the table; or, with --slurm, write a SLURM job-array script instead.",
+        "run", help="train every run of the grid that has not finished, here or as a SLURM job "
+                    "array",
+        description="Train every run of the grid that has not finished (N at once with "
+                    "--workers), then write the table; or, with --slurm, write a SLURM job-array "
+                    "script instead.",
         usage="reproduce.py run [grid options] [--workers N | --slurm ...] [-- train.py options]",
         epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = run.add_argument_group("the grid (every combination is one run)")
+    grid_options(run.add_argument_group("the grid (every combination is one run)"))
+    local_options(run.add_argument_group("on this machine"))
+    slurm_options(run.add_argument_group("on a SLURM cluster"))
+    table = stages.add_parser(
+        "table", help="the table and MIG figures of every finished checkpoint in --out",
+        description="Aggregate every finished checkpoint in the study folder into table.md, "
+                    "table.json, mig-DATA.png (and mig_vs_beta-DATA.png where an objective has "
+                    "several betas). Trains nothing.")
+    table.add_argument("--out", default="runs", metavar="DIR",
+                       help="the study folder (default: runs)")
+    state = stages.add_parser("state", help="print finished, unfinished or missing for one "
+                                            "checkpoint (what the SLURM script asks before each "
+                                            "run)")
+    state.add_argument("checkpoint")
+    return p
+
+
+def grid_options(g):
     g.add_argument("--data", nargs="+", default=["sprites"], metavar="D",
-                   help="datasets: built-in names (sprites, shapes; options as sprites:positions=8) or "
-                        "files, as train.py --data takes them (default: sprites)")
+                   help="datasets: built-in names (sprites, shapes; options as "
+                        "sprites:positions=8) or files, as train.py --data takes them (default: "
+                        "sprites)")
     g.add_argument("--models", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES), metavar="M",
                    help=f"objectives, of {', '.join(OBJECTIVES)} (default: all)")
     g.add_argument("--betas", nargs="+", type=float, default=[6.0], metavar="B",
                    help="betas of betavae and betatc; the other objectives ignore beta and are not "
                         "repeated per beta (default: 6)")
-    g.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="S", help="(default: 0 1 2)")
+    g.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="S",
+                   help=f"(0 to {runtime.MAX_SEED}; default: 0 1 2)")
     g.add_argument("--steps", type=int, default=5000, metavar="N",
                    help="training steps of every run (default: 5000)")
     g.add_argument("--set", action="append", default=[], metavar="[MODEL:]NAME=V1,V2",
-                   help="any other train.py option as an axis of the grid: each value multiplies the "
-                        "runs (of MODEL only, when given); repeatable, e.g. --set lr=1e-3,5e-4 "
-                        "--set factorvae:gamma=10,35. Options after a lone -- go to every run as they are")
+                   help="any other train.py option as an axis of the grid: each value multiplies "
+                        "the runs (of MODEL only, when given); repeatable, e.g. --set "
+                        "lr=1e-3,5e-4 --set factorvae:gamma=10,35. Options after a lone -- go to "
+                        "every run as they are")
     g.add_argument("--out", default="runs", metavar="DIR",
                    help="the study folder: checkpoints, logs/, the table (default: runs)")
-    g = run.add_argument_group("on this machine")
+
+
+def local_options(g):
     g.add_argument("--workers", type=int, default=1, metavar="N",
                    help="runs at once: on GPUs, round-robin over --gpus; on the CPU, the cores are "
-                        "divided between them (OMP_NUM_THREADS). Ctrl-C stops them all, each saving "
-                        "its checkpoint (default: 1)")
+                        "divided between them (OMP_NUM_THREADS). Ctrl-C stops them all, each "
+                        "saving its checkpoint (default: 1)")
     g.add_argument("--gpus", metavar="LIST",
                    help="comma-separated GPU ids for the workers, e.g. 0,1,2,3 (default: those in "
                         "CUDA_VISIBLE_DEVICES, else every GPU torch sees)")
     g.add_argument("--dry-run", action="store_true",
                    help="list every run, its state and command; train nothing")
-    g = run.add_argument_group("on a SLURM cluster")
+
+
+def slurm_options(g):
     g.add_argument("--slurm", action="store_true",
-                   help="write DIR/NAME.sbatch, a job array of one train.py run per task, and print "
-                        "the sbatch command, instead of training here")
+                   help="write DIR/NAME.sbatch, a job array of one train.py run per task, and "
+                        "print the sbatch command, instead of training here")
     g.add_argument("--job-name", default="study", metavar="NAME", help="(default: study)")
-    g.add_argument("--time", help="time limit per run, e.g. 2:00:00 (a run stopped at its limit saves "
-                                  "its checkpoint and resumes when the script is submitted again)")
-    g.add_argument("--cpus-per-task", metavar="N", help="CPU cores per run (also its OMP_NUM_THREADS)")
+    g.add_argument("--time", help="time limit per run, e.g. 2:00:00 (a run stopped at its limit "
+                                  "saves its checkpoint and resumes when the script is submitted "
+                                  "again)")
+    g.add_argument("--cpus-per-task", metavar="N",
+                   help="CPU cores per run (also its OMP_NUM_THREADS)")
     g.add_argument("--mem", help="memory per run, e.g. 16G")
     g.add_argument("--gres", help="generic resources per run, e.g. gpu:1")
     g.add_argument("--partition", help="the partition (queue)")
@@ -681,16 +748,6 @@ def make_parser():
     g.add_argument("--setup", action="append", default=[], metavar="COMMAND",
                    help="a shell line run before training, e.g. 'module load cuda' or "
                         "'source venv/bin/activate'; repeatable")
-    table = stages.add_parser(
-        "table", help="the table and MIG figures of every finished checkpoint in --out",
-        description="Aggregate every finished checkpoint in the study folder into table.md, table.json, "
-                    "mig-DATA.png (and mig_vs_beta-DATA.png where an objective has several betas). "
-                    "Trains nothing.")
-    table.add_argument("--out", default="runs", metavar="DIR", help="the study folder (default: runs)")
-    state = stages.add_parser("state", help="print finished, unfinished or missing for one checkpoint "
-                                            "(what the SLURM script asks before each run)")
-    state.add_argument("checkpoint")
-    return p
 
 
 def parse_args(argv):
@@ -710,7 +767,8 @@ def parse_args(argv):
         repeated = {f"{scope}:{name}".lstrip(":") for i, (scope, name, _) in enumerate(args.set)
                     if (scope, name) in [(s, n) for s, n, _ in args.set[:i]]}
         if repeated:
-            raise ValueError(f"--set {sorted(repeated)[0]}=... is given twice: put all its values in one --set")
+            raise ValueError(f"--set {sorted(repeated)[0]}=... is given twice: put all its values "
+                         "in one --set")
         check_options([name for _, name, _ in args.set], "--set")
     except ValueError as error:
         parser.error(str(error))
@@ -733,15 +791,16 @@ def train_problems(runs):
     """What train.py would refuse in each run's arguments (None where nothing), from one
     `train.py --check-runs` (one process, not one per run: each would load torch)."""
     argument_lists = [train_arguments(run) + ["--force"] for run in runs]
-    checked = subprocess.run([sys.executable, TRAIN, "--check-runs"], input=json.dumps(argument_lists),
-                             capture_output=True, text=True)
+    checked = subprocess.run([sys.executable, TRAIN, "--check-runs"],
+                             input=json.dumps(argument_lists), capture_output=True, text=True)
     if checked.returncode != 0:
         raise SystemExit(f"error: {TRAIN} --check-runs failed: {checked.stderr.strip()[-500:]}")
     return json.loads(checked.stdout)
 
 
 def run_stage(args, passthrough):
-    """The stage the command line asked for; a file that cannot be read or written is a UserError."""
+    """The stage the command line asked for; a file that cannot be read or written is a
+    UserError."""
     try:
         if args.stage == "state":
             print(run_state(args.checkpoint))
