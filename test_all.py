@@ -2815,6 +2815,17 @@ def test_resume_refuses_other_data_naming_both(tmp_path, capsys):
     assert load(tmp_path / "ckpt.pt")["config"]["data"] == str(moved)
 
 
+@pytest.mark.parametrize("model", ["vae", "betavae", "betatc"])
+def test_fewer_images_than_a_batch_is_refused_in_one_line_for_every_objective(tmp_path, capsys,
+                                                                              model):
+    images = write_images(tmp_path / "five.npz", np.zeros((5, 64, 64, 1), np.uint8))
+    code, out = run_train(tmp_path, "--data", images, "--model", model, "--batch-size", "8")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and not os.path.exists(out)
+    assert err == [f"error: {images}: 5 images is fewer than --batch-size 8; pass --batch-size 5 "
+                   "or less"]
+
+
 def test_a_checkpoint_without_a_fingerprint_still_resumes(tmp_path):
     code, out = run_train(tmp_path, "--steps", "2")
     without_config_entry(out, "data_fingerprint")  # as written before fingerprints were kept
