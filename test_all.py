@@ -2590,7 +2590,7 @@ def adam_moments(state, key="optimizer"):
     return [t for s in state[key]["state"].values() for t in (s["exp_avg"], s["exp_avg_sq"])]
 
 
-@pytest.mark.parametrize("model", ["betatc", "factorvae"])
+@pytest.mark.parametrize("model", ["betatc", "factorvae", "adagvae"])
 def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, model):
     assert run_train(tmp_path, "--model", model, "--steps", "12", name="whole.pt")[0] == 0
     assert run_train(tmp_path, "--model", model, "--steps", "5", name="split.pt")[0] == 0
@@ -2604,6 +2604,43 @@ def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, model):
         assert all(torch.equal(a, b) for a, b in zip(adam_moments(whole, "discriminator_optimizer"),
                                                      adam_moments(split, "discriminator_optimizer")))
         assert {"tc", "discriminator_accuracy"} <= set(whole["history"][-1])
+
+
+@pytest.mark.parametrize("model,k", [("adagvae", 1), ("mlvae", 2), ("adagvae", 0)])
+def test_pair_objectives_train_on_pairs_differing_in_k_factors(tmp_path, monkeypatch, model, k):
+    drawn = []
+    batch = runtime.ImageSource.batch
+    monkeypatch.setattr(runtime.ImageSource, "batch", lambda self, index: drawn.append(index) or
+                        batch(self, index))
+    code, out = run_train(tmp_path, "--model", model, "--k", str(k), "--batch-size", "8",
+                          "--steps", "2", "--log-every", "1")
+    state = load(out)
+    assert code == 0 and state["step"] == 2 and state["config"]["k"] == k
+    assert all({"recon", "kl", "shared"} <= set(h) and 0 <= h["shared"] <= 10 for h in state["history"])
+    factors = data.load(TINY).factors
+    for index in drawn[:2]:  # the two training batches: [first images; second images]
+        assert len(index) == 16
+        differ = (factors[index[:8]] != factors[index[8:]]).sum(1)
+        assert (differ == k).all() if k else ((differ >= 1) & (differ <= 4)).all()
+    assert runtime.model_from_checkpoint(state) is not None
+
+
+def test_pair_objectives_refuse_unlabelled_data_and_a_k_that_shares_nothing(tmp_path, capsys):
+    np.savez(tmp_path / "plain.npz", images=np.zeros((8, 64, 64, 1), np.uint8))
+    argv = ["--model", "adagvae", "--data", str(tmp_path / "plain.npz"), "--out", str(tmp_path / "a.pt")]
+    assert train.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no factors (unlabelled); --model adagvae" in err[0]
+    assert train.main(["--model", "mlvae", "--k", "5", "--data", TINY, "--out", str(tmp_path / "b.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--k 5:" in err[0] and "k must be 0 (random) or 1..4" in err[0]
+    assert not os.path.exists(tmp_path / "a.pt") and not os.path.exists(tmp_path / "b.pt")
+
+
+@pytest.mark.parametrize("argv,message", [(["--k", "1"], "--k is for --model adagvae or mlvae"),
+                                          (["--model", "adagvae", "--k", "-1"], "--k must be >= 0")])
+def test_pair_arguments_exit_2_with_one_line(argv, message, capsys):
+    assert_one_line_usage_error(train.main, argv, "train.py", message, capsys)
 
 
 def test_factorvae_learns_and_its_discriminator_tells_joint_from_permuted(tmp_path):
@@ -2992,6 +3029,24 @@ def test_torchrun_two_processes_equal_one_at_the_same_global_batch(tmp_path, mod
     for term in ("loss", "recon", "kl"):
         assert ddp["history"][0][term] == pytest.approx(one["history"][0][term], rel=1e-5), term
     assert ddp["final"]["samples"] == 40
+    for name, tensor in one["model"].items():
+        assert torch.allclose(ddp["model"][name], tensor, rtol=1e-3, atol=1e-4), name
+
+
+def test_torchrun_splits_pairs_whole_and_equals_one_process(tmp_path):
+    """adagvae: each process takes whole pairs; the steps equal one process's (8 steps: later,
+    float differences can flip a latent across the adaptive threshold and the runs part)."""
+    argv = ["--data", TINY, "--model", "adagvae", "--batch-size", "16", "--steps", "8",
+            "--log-every", "1", "--final-eval", "40", "--force"]
+    process = torchrun(*argv, "--out", str(tmp_path / "ddp.pt"))
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-2000:]
+    assert train.main([*argv, "--device", "cpu", "--out", str(tmp_path / "one.pt")]) == 0
+    ddp, one = load(tmp_path / "ddp.pt"), load(tmp_path / "one.pt")
+    for step_ddp, step_one in zip(ddp["history"], one["history"], strict=True):
+        assert step_ddp["shared"] == step_one["shared"]
+        for term in ("loss", "recon", "kl"):
+            assert step_ddp[term] == pytest.approx(step_one[term], rel=1e-5, abs=1e-5), term
     for name, tensor in one["model"].items():
         assert torch.allclose(ddp["model"][name], tensor, rtol=1e-3, atol=1e-4), name
 

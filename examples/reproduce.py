@@ -39,13 +39,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 import runtime  # noqa: E402  (its ArgumentParser: a bad argument is one line, exit code 2)
 TRAIN = os.path.normpath(os.path.join(HERE, os.pardir, "train.py"))
-OBJECTIVES = ("ae", "vae", "betavae", "betatc", "factorvae", "dipvae1", "dipvae2")
+UNSUPERVISED = ("ae", "vae", "betavae", "betatc", "factorvae", "dipvae1", "dipvae2")
+OBJECTIVES = UNSUPERVISED + ("adagvae", "mlvae")  # and the weakly supervised, trained on pairs
 TITLES = {"ae": "AE", "vae": "VAE", "betavae": "beta-VAE", "betatc": "beta-TCVAE",
-          "factorvae": "FactorVAE", "dipvae1": "DIP-VAE-I", "dipvae2": "DIP-VAE-II"}
+          "factorvae": "FactorVAE", "dipvae1": "DIP-VAE-I", "dipvae2": "DIP-VAE-II",
+          "adagvae": "Ada-GVAE", "mlvae": "Ada-ML-VAE"}
 # beta means nothing to the other objectives: they are not run per beta
-BETA_OBJECTIVES = ("betavae", "betatc")
+BETA_OBJECTIVES = ("betavae", "betatc", "adagvae", "mlvae")
 HYPERPARAMETERS = {"betavae": ("beta", "capacity"), "betatc": ("beta",), "factorvae": ("gamma",),
-                   "dipvae1": ("lambda_od", "lambda_d"), "dipvae2": ("lambda_od", "lambda_d")}
+                   "dipvae1": ("lambda_od", "lambda_d"), "dipvae2": ("lambda_od", "lambda_d"),
+                   "adagvae": ("beta", "k"), "mlvae": ("beta", "k")}
 # The README's recipe, given to every run; --set or options after -- replace any of it.
 RECIPE = {"arch": "conv", "batch-size": "64", "lr": "1e-3", "precision": "auto", "latents": "10"}
 # train.py options the runner sets itself, and why the user need not
@@ -59,7 +62,8 @@ NOT_IN_THE_NAME = ("device", "log-every", "save-every", "eval-every", "eval-subs
 DERIVED = ("seed", "channels", "size", "dataset_size", "dataset_name", "factor_names",
            "factor_sizes", "data_fingerprint")
 MIGS = {"mig_gaussian": "MIG (Chen et al.)", "mig_discrete": "MIG (discretized)"}
-COLOURS = ("#666666", "#7570b3", "#1b9e77", "#d95f02", "#e7298a", "#66a61e", "#e6ab02")
+COLOURS = ("#666666", "#7570b3", "#1b9e77", "#d95f02", "#e7298a", "#66a61e", "#e6ab02",
+           "#a6761d", "#1f78b4")
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -700,11 +704,13 @@ def grid_options(g):
                    help="datasets: built-in names (sprites, shapes; options as "
                         "sprites:positions=8) or files, as train.py --data takes them (default: "
                         "sprites)")
-    g.add_argument("--models", nargs="+", choices=OBJECTIVES, default=list(OBJECTIVES), metavar="M",
-                   help=f"objectives, of {', '.join(OBJECTIVES)} (default: all)")
+    g.add_argument("--models", nargs="+", choices=OBJECTIVES, default=list(UNSUPERVISED),
+                   metavar="M", help=f"objectives, of {', '.join(OBJECTIVES)} (default: the "
+                                     "unsupervised seven; adagvae and mlvae train on pairs, "
+                                     "--set k=1,0 runs both k = 1 and k random)")
     g.add_argument("--betas", nargs="+", type=float, default=[6.0], metavar="B",
-                   help="betas of betavae and betatc; the other objectives ignore beta and are not "
-                        "repeated per beta (default: 6)")
+                   help="betas of betavae, betatc, adagvae and mlvae; the others ignore beta "
+                        "and are not repeated per beta (default: 6)")
     g.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], metavar="S",
                    help=f"(0 to {runtime.MAX_SEED}; default: 0 1 2)")
     g.add_argument("--steps", type=int, default=5000, metavar="N",
