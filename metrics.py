@@ -12,8 +12,15 @@ factor_vae_score   Kim & Mnih 2018: the same, by a majority vote on the least va
 dci                Eastwood & Williams 2018: disentanglement, completeness, informativeness.
 sap_score          Kumar et al. 2018: gap between the two codes that best predict each factor.
 modularity_explicitness  Ridgeway & Mozer 2018.
+dcimig             Sepliarskaia et al. 2019: each latent's MI gap credited to one factor.
+irs                Suter et al. 2019: interventional robustness, as disentanglement_lib.
 gaussian_total_correlation, mutual_info_score  disentanglement_lib's label-free scores.
-evaluate           all of the above that apply, in one dict.
+udr                Duan et al. 2020: unsupervised ranking of several models by their agreement.
+downstream         Locatello et al. 2019: factor prediction from 10 .. 10,000 labelled rows.
+evaluate           all of the above that apply to one model, in one dict: protocol="exact" (every
+                   row, our estimators) or "dlib" (disentanglement_lib's unsupervised-study
+                   settings: sampled points, gradient-boosted trees, LinearSVC); dlib_names()
+                   flattens a result under disentanglement_lib's names.
 
 The MIGs return `mig` (float), `gaps` (K,), `mi` (D, K) in nats, `entropy` (K,) of the factors in
 nats, and `mi_normalized` (D, K) = mi / entropy. MIG is the mean over factors of the gap between the
@@ -73,8 +80,8 @@ def _prepare_factors(factors, n):
     """Labels 0..V-1 per factor, their sizes and empirical entropies (nats)."""
     factors = _check_rows("factors", factors, n)
     if factors.shape[1] == 0:
-        raise ValueError(f"factors has shape {factors.shape}: no factor varies, so the data is unlabelled "
-                         "and only the label-free metrics apply (pass factors=None)")
+        raise ValueError(f"factors has shape {factors.shape}: no factor varies, so the data is "
+                         "unlabelled and only the label-free metrics apply (pass factors=None)")
     if not (np.issubdtype(factors.dtype, np.integer) or np.issubdtype(factors.dtype, np.bool_)):
         if not np.all(np.isfinite(factors)):
             raise ValueError("factors contains non-finite values (nan or inf)")
@@ -379,7 +386,7 @@ def _softmax(logits):
     return p / p.sum(1, keepdims=True)
 
 
-def _lbfgs(objective, w, iterations, memory=10, tolerance=1e-6):
+def _lbfgs(objective, w, iterations, memory=10, tolerance=1e-5):
     """Minimise a smooth convex objective(w) -> (value, gradient, extra) by L-BFGS with a
     backtracking (Armijo) line search; stops when the largest gradient entry is below `tolerance`
     or no step lowers the value. Returns the last (w, value, gradient, extra)."""
@@ -421,7 +428,7 @@ def _fit_logistic(x, labels, classes, iterations=500):
     Minimises the mean cross-entropy + ||W||^2 / (2n) over the weights (not the bias): scikit-learn's
     LogisticRegression at its defaults (C = 1; with two classes the penalty is doubled, which makes
     the two-column fit equal to scikit-learn's one-column binary fit), by L-BFGS to a gradient below
-    1e-6: O(n D classes) per iteration, so a factor of a thousand values costs seconds.
+    1e-5: O(n D classes) per iteration, so a factor of a thousand values costs seconds.
     """
     n = len(x)
     x = np.hstack([x, np.ones((n, 1))])
@@ -436,10 +443,12 @@ def _fit_logistic(x, labels, classes, iterations=500):
         top = logits.max(1, keepdims=True)
         log_total = top + np.log(np.sum(np.exp(logits - top), 1, keepdims=True))
         p = np.exp(logits - log_total)
-        value = np.mean(log_total[:, 0] - logits[np.arange(n), labels]) + 0.5 * penalty * np.sum(mask * w * w)
+        value = (np.mean(log_total[:, 0] - logits[np.arange(n), labels])
+                 + 0.5 * penalty * np.sum(mask * w * w))
         return value, _inner(x, p - onehot) / n + penalty * mask * w, None
 
     w = np.zeros((x.shape[1], classes))
+    w[-1] = np.log(np.maximum(onehot.mean(0), 1 / n))  # start from the class frequencies
     return _lbfgs(objective, w, iterations)[0]
 
 
@@ -661,7 +670,8 @@ def _descend(node, bins, code, cut, split):
     trees, nodes = code.shape
     at = np.arange(trees, dtype=np.int32) * nodes + node  # (rows, trees) index of (tree, node)
     threshold = np.where(split, cut, 255).ravel()[at]  # a bin is never > 255: no split
-    value = np.take(bins, np.arange(len(bins), dtype=np.int32)[:, None] * bins.shape[1] + code.ravel()[at])
+    rows = np.arange(len(bins), dtype=np.int32)[:, None] * bins.shape[1]
+    value = np.take(bins, rows + code.ravel()[at])
     return 2 * node + (value > threshold)
 
 
@@ -814,7 +824,8 @@ def _present_classes(labels_train, labels_test):
 def _given_importance(importance, shape):
     importance = np.asarray(importance, dtype=np.float64)
     if importance.shape != shape:
-        raise ValueError(f"importance must have shape (codes, factors) = {shape}, got {importance.shape}")
+        raise ValueError(f"importance must have shape (codes, factors) = {shape}, "
+                         f"got {importance.shape}")
     _check_finite("importance", importance)
     if importance.min() < 0:
         raise ValueError("importance must be >= 0")
@@ -844,6 +855,7 @@ def dci(codes, factors, importance="linear", seed=0):
     with a single value in the training rows (named).
     """
     codes, labels, sizes = _labelled(codes, factors)
+    importance = "linear" if importance is None else importance
     kind = importance if isinstance(importance, str) else "given"
     if kind not in ("linear", "gbt", "given"):
         raise ValueError(f"importance must be 'linear', 'gbt' or an array, got {importance!r}")
@@ -981,8 +993,8 @@ def sap_score(codes, factors, continuous=False, seed=0, classifier="lda"):
         train, test = _split(len(codes), seed)
         columns = []
         for k, lab in enumerate(labels):
-            lab_train, lab_test, size = _present_classes(_two_values(lab[train], k, "training rows of SAP"),
-                                                         lab[test])
+            lab_train = _two_values(lab[train], k, "training rows of SAP")
+            lab_train, lab_test, size = _present_classes(lab_train, lab[test])
             columns.append(fit(codes[train], lab_train, codes[test], lab_test, size))
         matrix = np.stack(columns, 1)
     ranked = -np.sort(-matrix, axis=0)
@@ -1352,7 +1364,8 @@ def _exact_runs(mu, logvar, factors, seed):
                 modularity_explicitness=lambda: modularity_explicitness(mu, factors, seed=seed),
                 mig_discrete=mig_discrete,
                 mig_gaussian=lambda: gaussian_mig(mu, _given("logvar", logvar), factors, seed=seed),
-                dcimig=lambda: _dcimig_from_mi(mig["mi"], mig["entropy"]) if mig else dcimig(mu, factors),
+                dcimig=lambda: (_dcimig_from_mi(mig["mi"], mig["entropy"]) if mig
+                                else dcimig(mu, factors)),
                 irs=lambda: irs(mu, factors, factor_bins=None),
                 downstream=lambda: downstream(mu, factors, seed=seed))
     return runs
@@ -1421,7 +1434,8 @@ def evaluate(mu, logvar, factors=None, seed=0, protocol="exact"):
         try:
             results[name] = dict(run(), protocol=protocol)
         except ValueError as e:
-            results[name] = {"error": (str(e).splitlines() or [type(e).__name__])[0], "protocol": protocol}
+            message = (str(e).splitlines() or [type(e).__name__])[0]
+            results[name] = {"error": message, "protocol": protocol}
     return results
 
 
