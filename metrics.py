@@ -387,10 +387,10 @@ def _softmax(logits):
 
 
 def _lbfgs(objective, w, iterations, memory=10, tolerance=1e-5):
-    """Minimise a smooth convex objective(w) -> (value, gradient, extra) by L-BFGS with a
-    backtracking (Armijo) line search; stops when the largest gradient entry is below `tolerance`
-    or no step lowers the value. Returns the last (w, value, gradient, extra)."""
-    value, grad, extra = objective(w)
+    """Minimise a smooth convex objective(w) -> (value, gradient) by L-BFGS with a backtracking
+    (Armijo) line search; stops when the largest gradient entry is below `tolerance` or no step
+    lowers the value. Returns the last w."""
+    value, grad = objective(w)
     steps, changes = [], []
     for _ in range(iterations):
         if np.max(np.abs(grad)) < tolerance:
@@ -410,7 +410,7 @@ def _lbfgs(objective, w, iterations, memory=10, tolerance=1e-5):
             direction += s * (alpha - np.sum(y * direction) / np.sum(s * y))
         slope = np.sum(grad * direction)
         for t in 0.5 ** np.arange(40):
-            new_value, new_grad, new_extra = objective(w + t * direction)
+            new_value, new_grad = objective(w + t * direction)
             if new_value <= value + 1e-4 * t * slope:
                 break
         else:
@@ -418,8 +418,8 @@ def _lbfgs(objective, w, iterations, memory=10, tolerance=1e-5):
         s, y = t * direction, new_grad - grad
         if np.sum(s * y) > 1e-12 * np.sqrt(np.sum(s * s) * np.sum(y * y)):
             steps, changes = (steps + [s])[-memory:], (changes + [y])[-memory:]
-        w, value, grad, extra = w + s, new_value, new_grad, new_extra
-    return w, value, grad, extra
+        w, value, grad = w + s, new_value, new_grad
+    return w
 
 
 def _fit_logistic(x, labels, classes, iterations=500):
@@ -432,8 +432,7 @@ def _fit_logistic(x, labels, classes, iterations=500):
     """
     n = len(x)
     x = np.hstack([x, np.ones((n, 1))])
-    onehot = np.zeros((n, classes))
-    onehot[np.arange(n), labels] = 1
+    rows = np.arange(n)
     penalty = (2.0 if classes == 2 else 1.0) / n
     mask = np.ones((x.shape[1], 1))
     mask[-1] = 0  # the bias is not penalised
@@ -443,13 +442,13 @@ def _fit_logistic(x, labels, classes, iterations=500):
         top = logits.max(1, keepdims=True)
         log_total = top + np.log(np.sum(np.exp(logits - top), 1, keepdims=True))
         p = np.exp(logits - log_total)
-        value = (np.mean(log_total[:, 0] - logits[np.arange(n), labels])
-                 + 0.5 * penalty * np.sum(mask * w * w))
-        return value, _inner(x, p - onehot) / n + penalty * mask * w, None
+        value = np.mean(log_total[:, 0] - logits[rows, labels]) + 0.5 * penalty * np.sum(mask * w * w)
+        p[rows, labels] -= 1  # the cross-entropy's gradient with respect to the logits
+        return value, _inner(x, p) / n + penalty * mask * w
 
     w = np.zeros((x.shape[1], classes))
-    w[-1] = np.log(np.maximum(onehot.mean(0), 1 / n))  # start from the class frequencies
-    return _lbfgs(objective, w, iterations)[0]
+    w[-1] = np.log(np.maximum(np.bincount(labels, minlength=classes) / n, 1 / n))  # class frequencies
+    return _lbfgs(objective, w, iterations)
 
 
 def _predict_logistic(x, w):
