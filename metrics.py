@@ -1341,8 +1341,8 @@ def _checked_inputs(mu, logvar, factors):
         _check_finite("logvar", logvar)
     if factors is not None:
         factors = _check_rows("factors", factors, len(mu))
-        if factors.shape[1] == 0:
-            _prepare_factors(factors, len(mu))  # raises: no factor varies
+        if factors.shape[1] == 0 or not np.issubdtype(factors.dtype, np.integer):
+            _prepare_factors(factors, len(mu))  # raises for no column or non-finite values
     return mu, logvar, factors
 
 
