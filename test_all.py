@@ -2291,7 +2291,8 @@ def test_evaluate_refuses_malformed_input_naming_the_argument():
              ((codes, logvar[:10], GRID), "logvar has shape"),
              ((codes, inf_logvar, GRID), "logvar contains non-finite"),
              ((codes, logvar, GRID[:-1]), "factors has 1151 rows"),
-             ((codes, logvar, GRID[:, :0]), "no factor varies")]
+             ((codes, logvar, GRID[:, :0]), "no factor varies"),
+             ((codes, logvar, np.where(GRID == 0, np.nan, GRID)), "factors contains non-finite")]
     for args, message in cases:
         with pytest.raises(ValueError, match=message):
             metrics.evaluate(*args)
