@@ -1141,11 +1141,10 @@ def _ranks(column):
     return ranks
 
 
-def _spearman_matrix(a, b):
-    """|Spearman correlation| (D, D) of every column of a with every column of b (0 for a constant)."""
-    ra = np.stack([_ranks(c) for c in a.T], 1)
-    rb = np.stack([_ranks(c) for c in b.T], 1)
-    ra, rb = ra - ra.mean(0), rb - rb.mean(0)
+def _abs_correlation(a, b):
+    """|Pearson correlation| (D, D) of every column of a with every column of b (0 for a constant);
+    of ranks, this is |Spearman correlation|."""
+    ra, rb = a - a.mean(0), b - b.mean(0)
     scale = np.outer(np.sqrt(np.sum(ra * ra, 0)), np.sqrt(np.sum(rb * rb, 0)))
     return np.abs(np.divide(_inner(ra, rb), scale, out=np.zeros(scale.shape), where=scale > 0))
 
@@ -1216,7 +1215,9 @@ def udr(codes, kl, correlation="spearman", kl_threshold=0.01):
     active = kl > kl_threshold
     scaled = [np.where(on, (c - c.mean(0)) / np.where(c.std(0) > 0, c.std(0), 1), 0)
               for c, on in zip(codes, active)]
-    similarity = _spearman_matrix if correlation == "spearman" else _lasso_matrix
+    similarity = _abs_correlation if correlation == "spearman" else _lasso_matrix
+    if correlation == "spearman":
+        scaled = [np.stack([_ranks(column) for column in c.T], 1) for c in scaled]
     pairwise = np.zeros((len(codes), len(codes)))
     for i, j in itertools.permutations(range(len(codes)), 2):
         matrix = similarity(scaled[i], scaled[j])
