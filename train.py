@@ -345,7 +345,9 @@ def run_config(args, dataset, resumed=None, device=torch.device("cpu")):
     if config["batch_size"] % runtime.world_size():
         raise runtime.ArgumentError(f"--batch-size {config['batch_size']} does not divide into "
                                     f"{runtime.world_size()} processes; use a multiple of it")
-    if len(dataset) < config["batch_size"]:  # every objective draws whole batches of images
+    # every objective draws batches without replacement, but for the pairs (drawn with it)
+    pairs = config["model"] in losses.PAIR_OBJECTIVES
+    if not pairs and len(dataset) < config["batch_size"]:
         raise UserError(f"{config['data']}: {len(dataset)} images is fewer than --batch-size "
                         f"{config['batch_size']}; pass --batch-size {len(dataset)} or less")
     _settle_pairs(config, dataset)
