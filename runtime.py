@@ -16,6 +16,7 @@ nothing here calls code hidden in another file.
 """
 import argparse
 import hashlib
+import io
 import math
 import os
 import pickle
@@ -330,18 +331,14 @@ def plain(value):
 
 
 def save_checkpoint(path, state):
-    """torch.save `state` to `path` atomically: a crash mid-save leaves the previous file intact."""
-    folder = os.path.dirname(os.path.abspath(path))
-    temp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(temp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.remove(temp)
+    """torch.save `state` to `path` atomically (data.write_atomically): a crash mid-save leaves
+    the previous file intact, a link is written through to its target, and a full disk is one
+    line (data.WriteError, naming the file) with nothing half-written left behind. The state is
+    serialised in memory first: torch.save straight into a file on a full disk raises its own
+    'unexpected pos' error instead of the OSError that says the disk is full."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data.write_atomically(path, lambda f: f.write(buffer.getbuffer()), nbytes=buffer.tell())
 
 
 # What a checkpoint's config must hold; entries added since the first release (or safe to assume)
