@@ -3574,3 +3574,20 @@ except data.WriteError as error:
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("WriteError") and "ckpt.pt" in result.stdout
     assert os.listdir(tmp_path) == []
+
+
+def test_study_on_unlabelled_data_runs_and_tables_without_mig_figures(tmp_path):
+    # celebA-like data has no factors: the table has its rows and says why there is no MIG figure
+    images = np.random.default_rng(0).integers(0, 256, (16, 64, 64, 1), dtype=np.uint8)
+    np.savez(tmp_path / "plain.npz", images=images)
+    out = str(tmp_path / "study")
+    argv = ["run", "--data", str(tmp_path / "plain.npz"), "--models", "vae", "--seeds", "0",
+            "--steps", "2", "--out", out, "--", "--device", "cpu", "--batch-size", "8",
+            "--latents", "3"]
+    result = run_reproduce(*argv)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert "(no MIG figures: the data has no factors)" in result.stdout
+    table = open(os.path.join(out, "table.md")).read().splitlines()
+    assert len(table) == 3 and table[2].startswith("| plain |")  # header, rule, the one run
+    assert not [name for name in os.listdir(out) if name.startswith("mig-")]

@@ -526,16 +526,18 @@ def write_table(folder):
         f.write(text)
     with open(os.path.join(folder, "table.json"), "w") as f:
         json.dump({"rows": rows, "not_counted": left_out}, f, indent=1, default=str)
+    drawn = False
     for data in dict.fromkeys(row["data"] for row in rows):
         label = data_label(data)
         subset = [row for row in rows if row["data"] == data]
-        draw_strips(subset, os.path.join(folder, f"mig-{label}.png"))
+        drawn |= draw_strips(subset, os.path.join(folder, f"mig-{label}.png"))
         curves = beta_curves(subset)
         if curves:
             draw_curves(curves, os.path.join(folder, f"mig_vs_beta-{label}.png"),
                         f"{MIGS['mig_gaussian']} against beta on {label}: median and [min, max] "
                         "over seeds")
-    print(f"wrote table.md, table.json and the MIG figures in {folder}")
+    figures = " and the MIG figures" if drawn else " (no MIG figures: the data has no factors)"
+    print(f"wrote table.md, table.json{figures} in {folder}")
     return 0
 
 
@@ -575,9 +577,11 @@ def colour_of(objective):
 
 def draw_strips(rows, path, height=200, margin=50):
     """One panel per MIG: a column per objective and setting, a point per seed, a bar at the
-    median."""
+    median. Returns whether it drew one (False for unlabelled data, which has no MIG)."""
     font = ImageFont.load_default()
     metrics = [m for m in MIGS if any(m in row["metrics"] for row in rows)]
+    if not metrics:  # unlabelled data (celebA): no MIG to draw
+        return False
     titles = [f"{MIGS[m]} on {data_label(rows[0]['data'])}: a point per seed, a bar at the median"
               for m in metrics]
     labels = [[TITLES.get(row["objective"], row["objective"])] + row["settings"].split(", ")
@@ -610,6 +614,7 @@ def draw_strips(rows, path, height=200, margin=50):
                 draw.ellipse([x - 3, y(v) - 3, x + 3, y(v) + 3], fill=colour_of(row["objective"]),
                              outline="white")
     image.save(path)
+    return True
 
 
 def beta_curves(rows):
