@@ -3591,3 +3591,16 @@ def test_study_on_unlabelled_data_runs_and_tables_without_mig_figures(tmp_path):
     table = open(os.path.join(out, "table.md")).read().splitlines()
     assert len(table) == 3 and table[2].startswith("| plain |")  # header, rule, the one run
     assert not [name for name in os.listdir(out) if name.startswith("mig-")]
+
+
+def test_study_datasets_with_one_file_stem_are_two_runs(tmp_path):
+    # d1/x.npz and d2/x.npz share the label 'x'; their real paths must keep the runs apart
+    for folder, count in (("d1", 16), ("d2", 24)):
+        os.makedirs(tmp_path / folder)
+        images = np.zeros((count, 64, 64, 1), dtype=np.uint8)
+        np.savez(tmp_path / folder / "x.npz", images=images)
+    first, second = (str(tmp_path / folder / "x.npz") for folder in ("d1", "d2"))
+    runs = study_grid("--data", first, second, "--models", "vae", "--seeds", "0")
+    assert len(runs) == 2 and runs[0]["out"] != runs[1]["out"]
+    assert all(os.path.basename(run["out"]).startswith("x-vae-seed0-5000-") for run in runs)
+    assert study_grid("--data", first, "--models", "vae", "--seeds", "0")[0]["out"] == runs[0]["out"]

@@ -138,6 +138,9 @@ def make_run(folder, data, model, beta, seed, steps, options):
     """One grid point: its name, checkpoint path and train.py options (in order; None: a flag)."""
     extra = sorted((k, canonical(v)) for k, v in options.items() if k not in NOT_IN_THE_NAME
                    and (k not in RECIPE or canonical(v) != canonical(RECIPE[k])))
+    source = data.partition(":")[0]
+    if os.path.exists(source):  # a file: d1/x.npz and d2/x.npz share a stem, not a run
+        extra.append(("data_path", os.path.realpath(source)))
     parts = [data_label(data), model] + ([f"beta{number(beta)}"] if beta is not None else [])
     name = "-".join(parts + [f"seed{seed}", str(steps)])
     if extra:
@@ -671,7 +674,8 @@ RUN_EPILOG = """examples:
 Every run gets the README's recipe (--arch conv --batch-size 64 --lr 1e-3 --precision auto
 --latents 10) unless --set or an option after -- says otherwise. Runs are named
 DATA-MODEL[-betaB]-seedS-STEPS[-HASH]; the hash covers the options that differ from the recipe
-(not --device, --compile or the logging options), so runs of another setting never mix."""
+(not --device, --compile or the logging options) and, for a data file or folder, its real path,
+so runs of another setting, or of other data with the same file name, never mix."""
 
 
 def make_parser():
