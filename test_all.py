@@ -3604,3 +3604,11 @@ def test_study_datasets_with_one_file_stem_are_two_runs(tmp_path):
     assert len(runs) == 2 and runs[0]["out"] != runs[1]["out"]
     assert all(os.path.basename(run["out"]).startswith("x-vae-seed0-5000-") for run in runs)
     assert study_grid("--data", first, "--models", "vae", "--seeds", "0")[0]["out"] == runs[0]["out"]
+
+
+def test_sbatch_values_with_blanks_are_double_quoted():
+    assert reproduce.sbatch_quote("/my runs/logs/%x-%A_%a.log") == '"/my runs/logs/%x-%A_%a.log"'
+    assert reproduce.sbatch_quote("/runs/logs/x.log") == "/runs/logs/x.log"
+    assert reproduce.sbatch_quote(4) == "4"
+    with pytest.raises(runtime.ArgumentError, match="double quote"):
+        reproduce.sbatch_quote('a"b')

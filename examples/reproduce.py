@@ -134,6 +134,16 @@ def axis_points(axes, model):
     return points
 
 
+def sbatch_quote(value):
+    """A value for an #SBATCH line: sbatch splits those lines on blanks and takes double-quoted
+    words whole, so a path with a space is quoted (a double quote in it is refused)."""
+    text = str(value)
+    if '"' in text:
+        raise runtime.ArgumentError(f"{text}: a double quote cannot be written into an "
+                                    "#SBATCH line")
+    return f'"{text}"' if any(c.isspace() or c in "'\\$`" for c in text) else text
+
+
 def make_run(folder, data, model, beta, seed, steps, options):
     """One grid point: its name, checkpoint path and train.py options (in order; None: a flag)."""
     extra = sorted((k, canonical(v)) for k, v in options.items() if k not in NOT_IN_THE_NAME
@@ -366,7 +376,7 @@ def slurm_script(args, runs):
              f"# {len(runs)} train.py runs of a study, written by examples/reproduce.py. Task i",
              "# trains run i: skipped if its checkpoint is finished, resumed if it exists, started",
              "# otherwise."]
-    lines += [f"#SBATCH --{key}={value}" for key, value in sbatch if value]
+    lines += [f"#SBATCH --{key}={sbatch_quote(value)}" for key, value in sbatch if value]
     lines += [f"#SBATCH {option if option.startswith('-') else '--' + option}"
               for option in args.sbatch]
     lines += ["set -eo pipefail",  # a failing --setup line stops the task
