@@ -8,7 +8,9 @@ path: an .npz, .npy, .h5 or .hdf5 file (dSprites', 3dshapes', MPI3D's or your ow
 tar, 3D faces' .pth file, SmallNORB's six files, or 3D chairs' rendered_chairs.tar or folder; each
 reader's docstring and the README's data section say what is read. Options variant=color|noisy or
 scream=PATH ("dsprites.npz:variant=color") draw 1-channel images as disentanglement_lib's dSprites
-variants (DrawnImages). MPI3D and SmallNORB also need fileformats.py beside this file.
+variants (DrawnImages). Option exclude=FACTOR=CLASS ("sprites:exclude=shape=2") leaves out the
+images of one class of a factor, of any labelled dataset, before `limit` (_exclude). MPI3D and
+SmallNORB also need fileformats.py beside this file.
 `read_mat(source, name)` reads one numeric variable of a MATLAB v5 .mat file, without scipy.
 
 Images are uint8 (N, H, W, C) as stored (memory-mapped, read-only arrays for .npy files, caches
@@ -123,17 +125,50 @@ def load(source, limit=None, seed=0, **options):
     else:
         reader, args = _reader_for(source), dict(options, path=source)
     variant = {key: args.pop(key) for key in ("variant", "scream") if key in args}
+    exclude = args.pop("exclude", None)
     allowed = [option for option in _reader_options(reader) if option not in ("limit", "seed")]
     allowed += ["variant", "scream"]  # any 1-channel dataset: _variant
+    allowed += ["exclude"]  # any labelled dataset: _exclude
     unknown = sorted(set(args) - set(allowed) - {"path"})
     if unknown:
         raise DataError(f"{source}: unknown option(s) {unknown}; valid: {allowed}")
     if limit is not None and int(limit) < 1:
         raise DataError(f"{source}: limit must be a positive number of images, not {limit}")
-    if "limit" in _reader_options(reader):  # a reader that reads only the rows kept
+    if "limit" in _reader_options(reader) and exclude is None:  # reads only the rows kept
         args.update(limit=limit, seed=seed)
-    dataset = _subset(reader(**args), limit, seed)
+    dataset = reader(**args)
+    if exclude is not None:  # before the limit: `limit` rows are kept of the others
+        dataset = _exclude(dataset, source, exclude)
+    dataset = _subset(dataset, limit, seed)
     return _variant(dataset, source, seed, **variant) if variant else dataset
+
+
+def _exclude(dataset, source, spec):
+    """The dataset without the images whose factor FACTOR is class CLASS (option
+    exclude=FACTOR=CLASS, as "sprites:exclude=shape=2", the sprites without the heart). The factor
+    sizes and the other images' class indices stay as they were, so a model trained on the rest
+    is scored on the whole dataset under the same labels; a factor left with one class is dropped
+    (as always). The kept images are copied into memory (a memory-mapped file is read). Raises
+    DataError for unlabelled data, an unknown factor, a class out of range or that no image has,
+    or nothing left."""
+    factor, equals, value = str(spec).partition("=")
+    where = f"{source}: option exclude={spec}"
+    if not equals:
+        raise DataError(f"{where}: expected exclude=FACTOR=CLASS, such as exclude=shape=2")
+    if dataset.factors is None:
+        raise DataError(f"{where}: the data has no factors to leave images out by")
+    if factor not in dataset.factor_names:
+        raise DataError(f"{where}: no factor {factor!r} (factors: "
+                        f"{', '.join(dataset.factor_names)})")
+    column = dataset.factor_names.index(factor)
+    value = _check_int(source, f"exclude={factor}", value, 0, dataset.factor_sizes[column] - 1)
+    keep = np.flatnonzero(dataset.factors[:, column] != value)
+    if len(keep) == len(dataset):
+        raise DataError(f"{where}: no image has {factor} {value}, so none is left out")
+    if len(keep) == 0:
+        raise DataError(f"{where}: every image has {factor} {value}, so none is left")
+    return _dataset(dataset.images[keep], dataset.factors[keep], dataset.factor_names,
+                    dataset.factor_sizes, dataset.name, dataset.preprocessing)
 
 
 def _reader_options(reader):

@@ -1019,6 +1019,29 @@ def test_path_errors(tmp_path):
         data.load(FIXTURES + "/faces_zip.pth", size=32)
 
 
+def test_exclude_option_leaves_out_one_class_of_a_factor(tmp_path):
+    whole = data.load(TINY)
+    others = whole.factors[:, 0] != 1  # every ellipse left out, in the name or as a keyword
+    for held_out in (data.load(TINY + ",exclude=shape=1"), data.load(TINY, exclude="shape=1")):
+        assert len(held_out) == 256 and 1 not in held_out.factors[:, 0]
+        assert np.array_equal(held_out.images, whole.images[others])
+        assert np.array_equal(held_out.factors, whole.factors[others])
+        assert held_out.factor_sizes == whole.factor_sizes  # labels as in the whole dataset
+    limited = data.load(TINY + ",exclude=shape=0", limit=50, seed=3)  # limit: 50 of the others
+    assert len(limited) == 50 and 0 not in limited.factors[:, 0]
+    np.savez(tmp_path / "own.npz", images=whole.images, factors=whole.factors)  # any labelled file
+    assert 2 not in data.load(f"{tmp_path / 'own.npz'}:exclude=factor0=2").factors[:, 0]
+    for option, message in [("exclude=shape", "expected exclude=FACTOR=CLASS"),
+                            ("exclude=hue=1", "no factor 'hue'"),
+                            ("exclude=shape=3", r"must be a whole number in 0\.\.2"),
+                            ("shapes=1,exclude=shape=0", "no factor 'shape'")]:
+        with pytest.raises(DataError, match=message):
+            data.load(f"{TINY},{option}")
+    np.savez(tmp_path / "plain.npz", images=whole.images)
+    with pytest.raises(DataError, match="no factors"):
+        data.load(f"{tmp_path / 'plain.npz'}:exclude=shape=0")
+
+
 # --------------------------------------------------------------------------------------------
 # folders and zips of images
 
