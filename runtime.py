@@ -5,7 +5,8 @@
     processes    rank, world_size, first_process (torchrun), resolve_device
     data         check_dataset, data_source, load_checkpoint_data, data_fingerprint, to_float,
                  ImageSource
-    encoding     encoding_precision, Progress, encode_dataset, evaluation_index, evaluate_codes
+    encoding     encoding_precision, Progress, encode_dataset, score_dataset, evaluation_index,
+                 evaluate_codes
     checkpoints  CHECKPOINT_FORMAT, plain, save_checkpoint, load_checkpoint (with its config
                  check), build_model, model_from_checkpoint
 
@@ -287,6 +288,45 @@ def encode_dataset(model, source, index=None, batch_size=256, dtype="auto", what
     if progress:
         progress.close()
     return mu_out, logvar_out
+
+
+def score_dataset(model, source, recon, seed=0, index=None, batch_size=256, what=None):
+    """Each image's negative ELBO and its two terms: three float64 numpy arrays (len(index),) in
+    nats per image, (neg_elbo, recon, kl), neg_elbo = recon + kl, for the images at `index` (int64
+    rows; all if None), in fp32 under inference_mode, one batch in memory at a time.
+
+    The ELBO is estimated as training's objective computes it (Kingma & Welling 2014, eq. 10):
+    kl = KL(q(z|x) || N(0, I)), analytic (losses.kl_normal, summed over latents); recon =
+    losses.recon_loss(model.decode(z), x, recon) at ONE sample z = mu + eps * exp(logvar / 2),
+    eps standard normal from numpy's default_rng(seed), drawn in row order (a row's sample does
+    not depend on batch_size). `recon` "bce" is -log p(x|z) of a Bernoulli decoder in nats; "mse"
+    is the summed squared error training minimised, not a likelihood (so then neg_elbo is
+    training's recon + kl, not a bound in nats). A pair model (adagvae, mlvae) scores single
+    images with its encoder and decoder, as a VAE. `what`: a name for a progress line on stderr.
+    Raises ValueError for a deterministic model (the AE: it has no posterior, so no ELBO)."""
+    if model.deterministic:
+        raise ValueError("an autoencoder (model ae) has no posterior q(z|x), so no ELBO to score")
+    index = np.arange(len(source)) if index is None else index
+    rows = len(index)
+    terms = np.empty((2, rows), np.float64)
+    noise = np.random.default_rng(seed)
+    progress = Progress(rows, 0, 1, every=max(rows // 10, 1), what=what) if what else None
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, rows, batch_size):
+            end = min(start + batch_size, rows)
+            x = source.batch(index[start:end]).float()
+            eps = torch.from_numpy(noise.standard_normal((end - start, model.latents)))
+            logits, mu, logvar, _ = model(x, noise=eps.float().to(x.device))
+            terms[0, start:end] = losses.recon_loss(logits, x, recon).double().cpu()
+            terms[1, start:end] = losses.kl_normal(mu, logvar).double().sum(1).cpu()
+            if progress:
+                progress.update(end, {})
+    model.train(was_training)
+    if progress:
+        progress.close()
+    return terms[0] + terms[1], terms[0], terms[1]
 
 
 def evaluation_index(dataset, samples, seed):
