@@ -14,13 +14,22 @@ it stopped; the SLURM script follows the same rule.
 
 `table` reads every finished checkpoint in the folder and gives, per dataset, objective and
 setting, the median and [min, max] over seeds of every metric the checkpoints hold (table.md,
-table.json); it draws the MIG of each seed per objective and beta, as in Locatello et al. 2019's
-figures (mig-DATA.png), and MIG against beta where an objective was run at several betas
-(mig_vs_beta-DATA.png).
+table.json; table.csv has one row per run, every config entry and metric, for pandas); it draws
+the MIG of each seed per objective and beta, as in Locatello et al. 2019's figures (mig-DATA.png),
+and MIG against beta where an objective was run at several betas (mig_vs_beta-DATA.png).
+
+Model selection without labels: beside each finished checkpoint the table stores NAME.codes.npz,
+the posterior means and per-latent mean KL of one fixed sample of the data (10,000 rows, or all
+where fewer; the same rows for every run of a dataset), encoding it once for runs that lack it.
+From them it scores every run by UDR (Duan et al. 2020, over all runs of a dataset), adds a UDR
+column per setting, and ranks the runs by UDR beside their ranking by MIG with the Spearman
+correlation of the two (ranking.md). NAME.dlib.json holds the run's metrics under
+disentanglement_lib's result names (discrete_mig, dci_disentanglement, ...).
 
 Needs what train.py needs (torch, numpy, pillow); on a cluster, nothing but this repository.
 """
 import argparse
+import csv
 import hashlib
 import json
 import math
@@ -31,12 +40,17 @@ import statistics
 import subprocess
 import sys
 import time
+import zipfile
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
+import data  # noqa: E402
+import losses  # noqa: E402
+import metrics  # noqa: E402
 import runtime  # noqa: E402  (its ArgumentParser: a bad argument is one line, exit code 2)
 TRAIN = os.path.normpath(os.path.join(HERE, os.pardir, "train.py"))
 UNSUPERVISED = ("ae", "vae", "betavae", "betatc", "factorvae", "dipvae1", "dipvae2")
@@ -165,11 +179,11 @@ def grid(args, passthrough):
     """Every run of the study, seed by seed (so a stopped study has whole seeds done first)."""
     runs = {}
     for seed in args.seeds:
-        for data in args.data:
+        for dataset in args.data:
             for model in args.models:
                 for beta in args.betas if model in BETA_OBJECTIVES else [None]:
                     for point in axis_points(args.set, model):
-                        run = make_run(args.out, data, model, beta, seed, args.steps,
+                        run = make_run(args.out, dataset, model, beta, seed, args.steps,
                                        {**RECIPE, **passthrough, **point})
                         runs.setdefault(run["name"], run)
     return list(runs.values())
@@ -415,25 +429,34 @@ def write_slurm(args, runs):
 
 # ----------------------------------------------------------------------------- the table
 
-def metric_values(final):
-    """{column: float} of every scalar metric of a checkpoint's `final` entry, in both layouts
-    (train.py's `metrics` dict, and the older `gaussian_mig` / `discrete_mig` entries)."""
+def final_metrics(final):
+    """A checkpoint's `final` metrics as metrics.evaluate returns them ({metric: dict}), in both
+    layouts: train.py's `metrics` dict, and the older `gaussian_mig` / `discrete_mig` entries."""
     found = dict(final.get("metrics") or {})
     for old, new in (("gaussian_mig", "mig_gaussian"), ("discrete_mig", "mig_discrete")):
         if old in final:
             found.setdefault(new, final[old])
+    return found
+
+
+def metric_values(final):
+    """{column: float} of every scalar metric of a checkpoint's `final` entry: the metric's name
+    for its headline figure (mig, score, or a key named as the metric, as dcimig's), else
+    metric.key (dci.disentanglement, downstream.sample_efficiency, ...)."""
     values = {}
-    for metric, result in found.items():
+    for metric, result in final_metrics(final).items():
         if isinstance(result, dict) and "error" not in result:
             for key, value in result.items():
                 if isinstance(value, float) and value == value:  # not NaN
-                    values[metric if key in ("mig", "score") else f"{metric}.{key}"] = value
+                    headline = key in ("mig", "score", metric)
+                    values[metric if headline else f"{metric}.{key}"] = value
     return values
 
 
 def collect(folder):
-    """Finished checkpoints of `folder`, grouped by everything in their config but the seed; and
-    the files left out: unfinished, not checkpoints, or a second checkpoint of the same run."""
+    """Finished checkpoints of `folder`, grouped by everything in their config but the seed
+    ({"identity": config, "runs": [{seed, file, config, result, metrics, weights}]}); and the
+    files left out: unfinished, not checkpoints, or a second checkpoint of the same run."""
     groups = {}
     left_out = []
     for file in sorted(f for f in os.listdir(folder) if f.endswith(".pt")):
@@ -451,10 +474,13 @@ def collect(folder):
             identity.pop("beta", None)
         group = groups.setdefault(json.dumps(identity, sort_keys=True, default=str),
                                   {"identity": identity, "runs": []})
-        if any(seed == config["seed"] for seed, _, _ in group["runs"]):
+        if any(run["seed"] == config["seed"] for run in group["runs"]):
             left_out.append(file)
             continue
-        group["runs"].append((config["seed"], file, metric_values(checkpoint["final"])))
+        group["runs"].append({"seed": config["seed"], "file": file, "config": config,
+                              "result": final_metrics(checkpoint["final"]),
+                              "metrics": metric_values(checkpoint["final"]),
+                              "weights": weights_digest(checkpoint)})
     return list(groups.values()), left_out
 
 
@@ -474,13 +500,13 @@ def summarise(groups):
     rows = []
     for group in groups:
         identity = group["identity"]
-        runs = sorted(group["runs"], key=lambda run: run[:2])
+        runs = sorted(group["runs"], key=lambda run: (run["seed"], run["file"]))
         row = {"data": identity["data"], "objective": identity["model"],
                "settings": settings(identity, varying), "config": identity,
-               "seeds": [seed for seed, _, _ in runs], "checkpoints": [file for _, file, _ in runs],
+               "seeds": [run["seed"] for run in runs], "checkpoints": [run["file"] for run in runs],
                "metrics": {}}
-        for column in dict.fromkeys(k for _, _, values in runs for k in values):
-            values = [values.get(column) for _, _, values in runs]
+        for column in dict.fromkeys(k for run in runs for k in run["metrics"]):
+            values = [run["metrics"].get(column) for run in runs]
             present = [v for v in values if v is not None]
             row["metrics"][column] = {"median": statistics.median(present), "min": min(present),
                                       "max": max(present), "values": values}
@@ -491,11 +517,12 @@ def summarise(groups):
 
 
 def columns_of(rows):
-    """The MIGs first, then every other metric; the training-side figures (accuracies, `*_train`)
-    are left to table.json."""
+    """The MIGs and UDR first, then every other metric; the training-side figures (accuracies,
+    `*_train`) are left to table.json."""
     found = [k for k in dict.fromkeys(k for row in rows for k in row["metrics"])
              if not any(word in k.split(".")[-1] for word in ("train", "accuracy"))]
-    return [k for k in MIGS if k in found] + [k for k in found if k not in MIGS]
+    first = [k for k in (*MIGS, "udr") if k in found]
+    return first + [k for k in found if k not in first]
 
 
 def cell(summary):
@@ -520,7 +547,9 @@ def markdown(rows):
 
 
 def write_table(folder):
-    """table.md, table.json and the MIG figures of every finished checkpoint in `folder`."""
+    """Of every finished checkpoint in `folder`: table.md, table.json, table.csv, the MIG figures,
+    ranking.md (UDR against MIG), and beside each checkpoint NAME.dlib.json and, where missing,
+    NAME.codes.npz (its codes of the data's fixed sample)."""
     if not os.path.isdir(folder):
         raise runtime.UserError(f"--out {folder}: no such folder")
     groups, left_out = collect(folder)
@@ -528,30 +557,312 @@ def write_table(folder):
         this = os.path.relpath(os.path.abspath(__file__))
         raise runtime.UserError(f"{folder}: no finished checkpoints ({len(left_out)} other .pt "
                                 f"files); train them with: python {this} run --out {folder}")
+    runs = [run for group in groups for run in group["runs"]]
+    compared, no_udr = add_udr(folder, runs)
     rows = summarise(groups)
     text = markdown(rows)
     note = ""
     if left_out:
         note = f"; not counted (unfinished, foreign or a copy): {', '.join(left_out)}"
-    print(f"\n{sum(len(row['seeds']) for row in rows)} finished runs in {folder} "
-          f"(median [min, max] over seeds){note}\n\n{text}")
+    print(f"\n{len(runs)} finished runs in {folder} (median [min, max] over seeds){note}\n\n{text}")
+    ranked, entries = rankings(compared)
+    if no_udr:
+        shown = no_udr[:5] + ([f"    ... and {len(no_udr) - 5} more"] if len(no_udr) > 5 else [])
+        print("no UDR for:\n" + "\n".join(shown) + "\n")
+    print(ranked)
+    written = write_reports(folder, rows, runs, left_out, (ranked, entries, no_udr))
+    print(f"wrote {written}{draw_figures(folder, rows)} in {folder}")
+    return 0
+
+
+def write_reports(folder, rows, runs, left_out, udr):
+    """table.md, table.json, table.csv, ranking.md (where any run has a UDR) and NAME.dlib.json
+    beside each checkpoint; returns what it wrote, in words."""
+    ranked, entries, no_udr = udr
     with open(os.path.join(folder, "table.md"), "w") as f:
-        f.write(text)
+        f.write(markdown(rows))
     with open(os.path.join(folder, "table.json"), "w") as f:
-        json.dump({"rows": rows, "not_counted": left_out}, f, indent=1, default=str)
+        json.dump({"rows": rows, "not_counted": left_out, "udr_rankings": entries,
+                   "no_udr": [line.strip() for line in no_udr]}, f, indent=1, default=str)
+    write_csv(folder, runs)
+    write_dlib_results(folder, runs)
+    written = "table.md, table.json, table.csv"
+    if ranked:
+        with open(os.path.join(folder, "ranking.md"), "w") as f:
+            f.write(ranked)
+        written += ", ranking.md"
+    return written + ", NAME.dlib.json beside each checkpoint"
+
+
+def draw_figures(folder, rows):
+    """mig-DATA.png per dataset and mig_vs_beta-DATA.png where an objective has several betas;
+    returns what was drawn, in words."""
     drawn = False
-    for data in dict.fromkeys(row["data"] for row in rows):
-        label = data_label(data)
-        subset = [row for row in rows if row["data"] == data]
+    for dataset in dict.fromkeys(row["data"] for row in rows):
+        label = data_label(dataset)
+        subset = [row for row in rows if row["data"] == dataset]
         drawn |= draw_strips(subset, os.path.join(folder, f"mig-{label}.png"))
         curves = beta_curves(subset)
         if curves:
             draw_curves(curves, os.path.join(folder, f"mig_vs_beta-{label}.png"),
                         f"{MIGS['mig_gaussian']} against beta on {label}: median and [min, max] "
                         "over seeds")
-    figures = " and the MIG figures" if drawn else " (no MIG figures: the data has no factors)"
-    print(f"wrote table.md, table.json{figures} in {folder}")
-    return 0
+    return " and the MIG figures" if drawn else " (no MIG figures: the data has no factors)"
+
+
+# ----------------------------------------------------------------------------- codes and UDR
+
+CODE_ROWS = 10_000  # the fixed sample every run of a dataset encodes for UDR (all rows if fewer)
+
+
+def beside(file, suffix):
+    """The file beside a checkpoint: runs/x.pt -> runs/x.codes.npz for suffix ".codes.npz"."""
+    return file.removesuffix(".pt") + suffix
+
+
+def weights_digest(checkpoint):
+    """16 hex digits of the SHA-256 of a checkpoint's model weights (names and bytes): codes
+    stored beside it are used only while it holds the weights that made them."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(checkpoint["model"].items()):
+        digest.update(name.encode())
+        if isinstance(tensor, torch.Tensor):
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
+
+
+def sample_rows(dataset):
+    """The fixed sample of a dataset: CODE_ROWS rows (all of them where fewer), sorted int64,
+    drawn without replacement by default_rng seeded with the dataset's fingerprint
+    (runtime.data_fingerprint), so every run of the dataset, whatever its seed, encodes the same
+    rows. Returns (rows, fingerprint)."""
+    fingerprint = runtime.data_fingerprint(dataset)
+    if len(dataset) <= CODE_ROWS:
+        return np.arange(len(dataset), dtype=np.int64), fingerprint
+    rng = np.random.default_rng(int(fingerprint, 16))
+    return np.sort(rng.choice(len(dataset), CODE_ROWS, replace=False)), fingerprint
+
+
+def sample_of(config, path, datasets):
+    """(ImageSource on the CPU, rows, fingerprint) of the run's data as every run of it sees it:
+    its --data and data_limit, read with seed 0 (a limit's subset and a variant's colours the
+    same for every run, not the run's own). Read once per table (`datasets` caches it, and the
+    DataError of data that cannot be read)."""
+    source = runtime.data_source(config["data"], beside=path)
+    key = (source, config["data_limit"])
+    if key not in datasets:
+        try:
+            dataset = data.load(source, limit=config["data_limit"], seed=0)
+            rows, fingerprint = sample_rows(dataset)
+            datasets[key] = (runtime.ImageSource(dataset.images, torch.device("cpu")), rows,
+                             fingerprint)
+        except data.DataError as error:
+            datasets[key] = runtime.UserError(f"{error} (the name {config['data']!r} comes from "
+                                              "the checkpoint)")
+    if isinstance(datasets[key], Exception):
+        raise datasets[key]
+    return datasets[key]
+
+
+def stored_codes(path, weights):
+    """The codes file at `path` as a dict, or None where it is missing, unreadable or was made
+    by other weights than `weights` (weights_digest)."""
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            codes = {key: stored[key] for key in ("mu", "kl", "rows", "fingerprint", "weights")}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    return codes if str(codes["weights"]) == weights else None
+
+
+def encode_sample(path, weights, datasets):
+    """Encode the fixed sample of its data with the checkpoint at `path` and write the codes
+    file beside it (data.write_atomically): `mu` (N, D) float32 posterior means, encoded in fp32
+    on the CPU; `kl` (D,) float64 each latent's mean KL(q(z|x) || N(0, 1)) over the N rows in
+    nats (Duan et al.'s test of an active latent); `rows` (N,) int64 the sample's rows;
+    `fingerprint` the data's; `weights` the checkpoint's weights_digest. Returns that dict;
+    raises UserError naming the file (weights that do not fit, data that cannot be read)."""
+    state = runtime.load_checkpoint(path)
+    model = runtime.model_from_checkpoint(state, path)
+    source, rows, fingerprint = sample_of(state["config"], path, datasets)
+    mu, logvar = runtime.encode_dataset(model, source, rows, dtype=None)
+    kl = losses.kl_normal(torch.from_numpy(mu), torch.from_numpy(logvar)).double().mean(0)
+    codes = {"mu": mu, "kl": kl.numpy(), "rows": rows, "fingerprint": np.str_(fingerprint),
+             "weights": np.str_(weights)}
+    data.write_atomically(beside(path, ".codes.npz"), lambda f: np.savez(f, **codes))
+    return codes
+
+
+def attach_codes(folder, runs):
+    """Give every run its codes of the fixed sample (run["codes"]), read from its codes file or
+    encoded and written where that is missing or stale. Returns the lines saying which runs
+    have none and why."""
+    datasets = {}
+    problems = []
+    encoded = 0
+    for run in runs:
+        path = os.path.join(folder, run["file"])
+        run["codes"] = stored_codes(beside(path, ".codes.npz"), run["weights"])
+        if run["codes"] is None:
+            try:
+                run["codes"] = encode_sample(path, run["weights"], datasets)
+                encoded += 1
+            except runtime.UserError as error:
+                problems.append(f"    {run['file']}: {str(error).removeprefix(path + ': ')}")
+    if encoded:
+        print(f"stored the codes of a fixed sample of the data (<= {CODE_ROWS:,} rows, the same "
+              f"for every run of a dataset) for {encoded} run(s): *.codes.npz")
+    return problems
+
+
+def udr_groups(runs):
+    """{(fingerprint, latents): [runs]}: the runs UDR compares, those that encoded the same rows
+    of the same data into as many latents, with finite codes."""
+    groups = {}
+    for run in runs:
+        codes = run.get("codes")
+        if codes is not None and np.isfinite(codes["mu"]).all() and np.isfinite(codes["kl"]).all():
+            rows = hashlib.sha1(codes["rows"].tobytes()).hexdigest()
+            key = (str(codes["fingerprint"]), rows, codes["mu"].shape[1])
+            groups.setdefault(key, []).append(run)
+    return list(groups.values())
+
+
+def add_udr(folder, runs):
+    """UDR (metrics.udr, Spearman: Duan et al. 2020 as disentanglement_lib's udr_sklearn) over
+    all the runs of each dataset at once (every setting and seed), each run's score joining its
+    metrics as "udr". Returns (the groups compared, lines saying which runs have no UDR and
+    why)."""
+    problems = attach_codes(folder, runs)
+    groups = udr_groups(runs)
+    for group in groups:
+        if len(group) < 2:
+            problems.append(f"    {group[0]['file']}: the only run of its data (and latents): "
+                            "UDR compares at least two")
+            continue
+        result = metrics.udr([run["codes"]["mu"] for run in group],
+                             np.stack([run["codes"]["kl"] for run in group]))
+        for run, score in zip(group, result["scores"]):
+            run["metrics"]["udr"] = float(score)
+    compared = {id(run) for group in groups for run in group}
+    problems += [f"    {run['file']}: its codes are not finite" for run in runs
+                 if run.get("codes") is not None and id(run) not in compared]
+    return [group for group in groups if len(group) > 1], problems
+
+
+# ----------------------------------------------------------------------------- UDR against MIG
+
+def average_ranks(values):
+    """Ranks 1..n of `values` (ascending), ties given their mean rank."""
+    values = np.asarray(values, dtype=np.float64)
+    ranks = np.empty(len(values))
+    ranks[np.argsort(values, kind="stable")] = np.arange(1, len(values) + 1)
+    for value in np.unique(values):
+        tied = values == value
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(a, b):
+    """Spearman's rank correlation of two equally long sequences: the Pearson correlation of
+    their average ranks, in [-1, 1]; NaN where either is constant."""
+    ra, rb = average_ranks(a) - (len(a) + 1) / 2, average_ranks(b) - (len(b) + 1) / 2
+    scale = math.sqrt(float(ra @ ra) * float(rb @ rb))
+    return float(ra @ rb / scale) if scale > 0 else float("nan")
+
+
+def mig_of(group):
+    """The MIG column every run of the group has (Chen et al.'s first), or None."""
+    return next((m for m in MIGS if all(m in run["metrics"] for run in group)), None)
+
+
+def ranking(group, title):
+    """The runs of one UDR group ranked by UDR beside their ranking by MIG, and the Spearman
+    correlation of the two: (markdown lines, the same as a dict for table.json)."""
+    by_udr = sorted(group, key=lambda run: -run["metrics"]["udr"])
+    mig = mig_of(group)
+    lines = [f"## {title}: {len(group)} runs by UDR"
+             + (f" beside {MIGS[mig]}" if mig else ""), ""]
+    entry = {"data": title, "by_udr": [(run["file"], run["metrics"]["udr"]) for run in by_udr]}
+    if mig is None:
+        why = ("the data has no factors" if not any(run["config"].get("factor_names")
+                                                  for run in group) else "not every run has one")
+        lines += ["| rank | run | UDR |", "|---|---|---|"]
+        lines += [f"| {i} | {run['file']} | {run['metrics']['udr']:.3f} |"
+                  for i, run in enumerate(by_udr, 1)]
+        lines += ["", f"No ranking by MIG: {why}."]
+        return lines, {**entry, "no_mig_ranking": why}
+    by_mig = sorted(group, key=lambda run: -run["metrics"][mig])
+    lines += [f"| rank | run by UDR | UDR | run by {mig} | {mig} |", "|---|---|---|---|---|"]
+    lines += [f"| {i} | {u['file']} | {u['metrics']['udr']:.3f} | {m['file']} | "
+              f"{m['metrics'][mig]:.3f} |" for i, (u, m) in enumerate(zip(by_udr, by_mig), 1)]
+    rho = spearman([run["metrics"]["udr"] for run in group], [run["metrics"][mig] for run in group])
+    top = by_udr[0]
+    place = 1 + sum(run["metrics"][mig] > top["metrics"][mig] for run in group)  # ties share
+    tied = sum(run["metrics"]["udr"] == top["metrics"]["udr"] for run in group) - 1
+    correlation = (f"{rho:.3f}" if rho == rho else
+                   f"undefined (every run has the same {'UDR' if tied else mig})")
+    lines += ["", f"Spearman rank correlation of UDR and {mig} over the {len(group)} runs: "
+                  f"{correlation}. UDR's top run ({top['file']}"
+                  + (f", tied with {tied} more" if tied else "")
+                  + f") is number {place} by {mig}: {'in' if place <= 3 else 'not in'} its top "
+                  "three."]
+    return lines, {**entry, "mig": mig, "by_mig": [(run["file"], run["metrics"][mig])
+                                                   for run in by_mig],
+                   "spearman": rho if rho == rho else None, "udr_top_run_mig_rank": place}
+
+
+def rankings(groups):
+    """ranking() of every UDR group, titled by its data (and latents where a data has several
+    groups): (markdown text, [dicts])."""
+    labels = [data_label(group[0]["config"]["data"]) for group in groups]
+    text, entries = [], []
+    for label, group in zip(labels, groups):
+        title = label
+        if labels.count(label) > 1:
+            title += f" ({group[0]['codes']['mu'].shape[1]} latents)"
+        lines, entry = ranking(group, title)
+        text += lines + [""]
+        entries.append(entry)
+    return "\n".join(text), entries
+
+
+# ----------------------------------------------------------------------------- flat files
+
+def csv_value(value):
+    """A config entry or metric as one CSV cell: lists and dicts as JSON, None as empty."""
+    if value is None:
+        return ""
+    return json.dumps(value) if isinstance(value, (list, tuple, dict)) else value
+
+
+def write_csv(folder, runs):
+    """table.csv: one row per run, `checkpoint`, every config entry and every scalar metric (the
+    table's columns and udr) as flat columns, ready for pandas.read_csv."""
+    config_columns = list(dict.fromkeys(k for run in runs for k in run["config"]))
+    metric_columns = list(dict.fromkeys(k for run in runs for k in run["metrics"]))
+    named = {k: f"metric.{k}" if k in config_columns else k for k in metric_columns}
+    with open(os.path.join(folder, "table.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["checkpoint"] + config_columns + [named[k] for k in metric_columns])
+        for run in sorted(runs, key=lambda run: run["file"]):
+            config = [csv_value(run["config"].get(k)) for k in config_columns]
+            values = [csv_value(run["metrics"].get(k)) for k in metric_columns]
+            writer.writerow([run["file"]] + config + values)
+
+
+def write_dlib_results(folder, runs):
+    """Beside each checkpoint, NAME.dlib.json: its final metrics as one flat JSON object under
+    disentanglement_lib's result names (metrics.dlib_names: discrete_mig, dci_disentanglement,
+    beta_vae_score, ...) and the protocol that measured them."""
+    for run in runs:
+        flat = {name: value for name, value in metrics.dlib_names(run["result"]).items()
+                if value == value}  # NaN is no JSON number
+        if flat.get("protocol") is None:  # measured before protocols: exact, on every row
+            flat["protocol"] = "exact"
+        text = json.dumps(flat, indent=1, allow_nan=False) + "\n"
+        data.write_atomically(beside(os.path.join(folder, run["file"]), ".dlib.json"),
+                              lambda f: f.write(text.encode()))
 
 
 # ----------------------------------------------------------------------------- figures
@@ -592,22 +903,22 @@ def draw_strips(rows, path, height=200, margin=50):
     """One panel per MIG: a column per objective and setting, a point per seed, a bar at the
     median. Returns whether it drew one (False for unlabelled data, which has no MIG)."""
     font = ImageFont.load_default()
-    metrics = [m for m in MIGS if any(m in row["metrics"] for row in rows)]
-    if not metrics:  # unlabelled data (celebA): no MIG to draw
+    migs = [m for m in MIGS if any(m in row["metrics"] for row in rows)]
+    if not migs:  # unlabelled data (celebA): no MIG to draw
         return False
     titles = [f"{MIGS[m]} on {data_label(rows[0]['data'])}: a point per seed, a bar at the median"
-              for m in metrics]
+              for m in migs]
     labels = [[TITLES.get(row["objective"], row["objective"])] + row["settings"].split(", ")
               for row in rows]
     column = max(64, max(text_width(text, font) + 12 for lines in labels for text in lines))
     width = max(column * len(rows), max(text_width(title, font) for title in titles) - margin)
-    values = [v for row in rows for m in metrics if m in row["metrics"]
+    values = [v for row in rows for m in migs if m in row["metrics"]
               for v in row["metrics"][m]["values"] if v is not None]
     ceiling = ceiling_of(values)
     panel = height + 64 + 13 * max(map(len, labels))
-    image = Image.new("RGB", (round(width + 2 * margin), panel * len(metrics)), "white")
+    image = Image.new("RGB", (round(width + 2 * margin), panel * len(migs)), "white")
     draw = ImageDraw.Draw(image)
-    for p, (metric, title) in enumerate(zip(metrics, titles)):
+    for p, (metric, title) in enumerate(zip(migs, titles)):
         top = p * panel + 40
         y = axes(draw, font, margin, top, width, height, ceiling, title)
         for c, row in enumerate(rows):
@@ -707,8 +1018,10 @@ def make_parser():
     table = stages.add_parser(
         "table", help="the table and MIG figures of every finished checkpoint in --out",
         description="Aggregate every finished checkpoint in the study folder into table.md, "
-                    "table.json, mig-DATA.png (and mig_vs_beta-DATA.png where an objective has "
-                    "several betas). Trains nothing.")
+                    "table.json, table.csv, mig-DATA.png (and mig_vs_beta-DATA.png where an "
+                    "objective has several betas), rank the runs by UDR beside MIG (ranking.md) "
+                    "and write NAME.dlib.json beside each checkpoint. Trains nothing; encodes "
+                    "the data's fixed sample (NAME.codes.npz) for runs that lack it.")
     table.add_argument("--out", default="runs", metavar="DIR",
                        help="the study folder (default: runs)")
     state = stages.add_parser("state", help="print finished, unfinished or missing for one "
