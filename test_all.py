@@ -1,6 +1,7 @@
 """The test suite: pytest test_all.py (a few minutes on 2 CPU cores, no downloads, no GPU)."""
 import colorsys
 import contextlib
+import csv
 import importlib.util
 import io
 import itertools
@@ -3635,3 +3636,137 @@ def test_sbatch_values_with_blanks_are_double_quoted():
     assert reproduce.sbatch_quote(4) == "4"
     with pytest.raises(runtime.ArgumentError, match="double quote"):
         reproduce.sbatch_quote('a"b')
+
+
+# the study table's codes, UDR, table.csv and disentanglement_lib-named results
+
+def udr_checkpoint(path, model, seed, weights_seed, mig=None, data_name=STUDY_DATA):
+    """A finished checkpoint of a 3-latent conv net on 48 images, with real untrained weights
+    (torch seed `weights_seed`; the last encoder layer scaled by 30 so its latents are active) and,
+    with `mig`, final metrics: both MIGs, dcimig, irs and downstream (None: unlabelled data)."""
+    config = {**runtime.CONFIG_DEFAULTS, "model": model, "arch": "conv", "latents": 3, "channels": 1,
+              "size": 64, "data": data_name, "batch_size": 8, "lr": 1e-3, "steps": 2, "recon": "bce",
+              "dataset_size": 48, "seed": seed, "factor_names": [] if mig is None else ["shape", "scale"]}
+    torch.manual_seed(weights_seed)
+    net = runtime.build_model(config)
+    with torch.no_grad():
+        net.encoder[13].weight.mul_(30)
+    scores = {} if mig is None else {
+        "mig_gaussian": {"mig": mig, "gaps": [mig, 0.0]}, "mig_discrete": {"mig": mig / 2},
+        "dcimig": {"dcimig": mig / 4, "gaps": [0.1]}, "irs": {"score": 0.5},
+        "downstream": {"sample_efficiency": 0.75, "mean_test_accuracy": [0.4, 0.5]}}
+    final = {"step": 2, "samples": 48,
+             "metrics": {name: dict(result, protocol="exact") for name, result in scores.items()}}
+    runtime.save_checkpoint(str(path), {"format": runtime.CHECKPOINT_FORMAT, "config": config, "step": 2,
+                                        "model": net.state_dict(), "optimizer": {}, "final": final})
+
+
+def udr_study(folder):
+    """betatc seeds 0 and 1 with the same weights, vae seeds 0 and 1 with others: {file: MIG}."""
+    migs = {"tc-0.pt": 0.3, "tc-1.pt": 0.1, "vae-0.pt": 0.2, "vae-1.pt": 0.4}
+    for (file, mig), weights in zip(migs.items(), (0, 0, 1, 2)):
+        udr_checkpoint(folder / file, "betatc" if file.startswith("tc") else "vae",
+                       int(file[-4]), weights, mig)
+    return migs
+
+
+def test_study_table_stores_codes_of_one_fixed_sample_and_scores_udr(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(reproduce, "CODE_ROWS", 20)  # 20 of the 48 images: a drawn sample
+    migs = udr_study(tmp_path)
+    assert reproduce.main(["table", "--out", str(tmp_path)]) == 0
+    assert "stored the codes of a fixed sample" in capsys.readouterr().out
+    dataset = data.load(STUDY_DATA)
+    codes = {file: dict(np.load(tmp_path / file.replace(".pt", ".codes.npz"))) for file in migs}
+    rows = codes["tc-0.pt"]["rows"]
+    assert len(rows) == 20 == len(np.unique(rows)) and np.all(np.diff(rows) > 0) and rows.max() < 48
+    for file, stored in codes.items():  # every run, whatever its seed, encoded the same images
+        assert np.array_equal(stored["rows"], rows)
+        assert str(stored["fingerprint"]) == runtime.data_fingerprint(dataset)
+        model = runtime.model_from_checkpoint(load(str(tmp_path / file))).eval()
+        with torch.no_grad():
+            mu, logvar = (t.double().numpy() for t in model.encode(runtime.to_float(
+                torch.from_numpy(dataset.images[rows]))))
+        assert stored["mu"].shape == (20, 3) and np.allclose(stored["mu"], mu, atol=1e-5)
+        kl = np.mean(0.5 * (mu ** 2 + np.exp(logvar) - 1 - logvar), axis=0)
+        assert np.allclose(stored["kl"], kl, rtol=1e-4) and kl.max() > 0.01  # active latents
+    expected = metrics.udr([codes[file]["mu"] for file in migs], [codes[file]["kl"] for file in migs])
+    expected = dict(zip(migs, expected["scores"]))
+    assert expected["tc-0.pt"] == expected["tc-1.pt"] and max(expected.values()) > 0
+    report = json.loads((tmp_path / "table.json").read_text())
+    for row in report["rows"]:
+        for file, value in zip(row["checkpoints"], row["metrics"]["udr"]["values"]):
+            assert value == pytest.approx(expected[file], abs=1e-12)
+    header = (tmp_path / "table.md").read_text().splitlines()[0]
+    assert header.startswith("| data | objective | settings | seeds | mig_gaussian | mig_discrete | udr |")
+    assert all(f"| {name} |" in header for name in ("dcimig", "irs", "downstream.sample_efficiency"))
+    ranking = (tmp_path / "ranking.md").read_text()
+    by_udr = sorted(migs, key=lambda file: -expected[file])
+    assert f"| 1 | {by_udr[0]} | {expected[by_udr[0]]:.3f} | vae-1.pt | 0.400 |" in ranking
+    assert "Spearman rank correlation of UDR and mig_gaussian over the 4 runs: " in ranking
+
+    # a second table reuses the codes; a run trained again (other weights) is encoded again
+    before = {file: os.stat(tmp_path / file.replace(".pt", ".codes.npz")).st_mtime_ns for file in migs}
+    udr_checkpoint(tmp_path / "vae-1.pt", "vae", 1, 3, 0.4)
+    assert reproduce.main(["table", "--out", str(tmp_path)]) == 0
+    after = {file: os.stat(tmp_path / file.replace(".pt", ".codes.npz")).st_mtime_ns for file in migs}
+    assert [file for file in migs if after[file] != before[file]] == ["vae-1.pt"]
+    again = np.load(tmp_path / "vae-1.codes.npz")
+    assert np.array_equal(again["rows"], rows) and not np.allclose(again["mu"], codes["vae-1.pt"]["mu"])
+
+
+def test_study_table_csv_has_a_row_per_run_and_dlib_named_results(tmp_path):
+    migs = udr_study(tmp_path)
+    assert reproduce.main(["table", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "table.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert sorted(row["checkpoint"] for row in table) == sorted(migs)
+    for row in table:
+        config = load(str(tmp_path / row["checkpoint"]))["config"]
+        assert row["model"] == config["model"] and int(row["seed"]) == config["seed"]
+        assert float(row["lr"]) == 1e-3 and int(row["latents"]) == 3 and row["gamma"] == ""
+        assert json.loads(row["factor_names"]) == ["shape", "scale"]
+        assert float(row["mig_gaussian"]) == migs[row["checkpoint"]]
+        assert float(row["dcimig"]) == migs[row["checkpoint"]] / 4 and float(row["irs"]) == 0.5
+        assert float(row["downstream.sample_efficiency"]) == 0.75 and 0 <= float(row["udr"]) <= 1
+    for file, mig in migs.items():
+        results = json.loads((tmp_path / file.replace(".pt", ".dlib.json")).read_text())
+        assert results == {"gaussian_mig": mig, "discrete_mig": mig / 2, "dcimig": mig / 4, "irs": 0.5,
+                           "downstream_sample_efficiency": 0.75, "protocol": "exact"}
+
+
+def test_study_rank_correlation_and_ranking_against_hand_computed_values():
+    # ranks (4, 2, 3, 1) and (3, 4, 2, 1): d^2 sums to 6, rho = 1 - 6 * 6 / (4 * 15) = 0.4
+    assert reproduce.spearman([0.9, 0.5, 0.7, 0.1], [0.3, 0.4, 0.2, 0.1]) == pytest.approx(0.4)
+    # ties share their mean rank: (1, 2.5, 2.5, 4) against (1, 2, 3, 4) correlate 4.5 / sqrt(4.5 * 5)
+    assert reproduce.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(3 / math.sqrt(10))
+    assert math.isnan(reproduce.spearman([1, 1, 1], [1, 2, 3]))
+
+    def runs(udrs, migs, factor_names=("shape",)):
+        return [{"file": f"r{i}.pt", "config": {"factor_names": list(factor_names)},
+                 "metrics": {"udr": u, **({"mig_gaussian": m} if m is not None else {})}}
+                for i, (u, m) in enumerate(zip(udrs, migs))]
+
+    lines, entry = reproduce.ranking(runs([0.9, 0.5, 0.7, 0.1], [0.3, 0.4, 0.2, 0.1]), "sprites")
+    assert lines[4] == "| 1 | r0.pt | 0.900 | r1.pt | 0.400 |"
+    assert lines[-1] == ("Spearman rank correlation of UDR and mig_gaussian over the 4 runs: 0.400. UDR's "
+                         "top run (r0.pt) is number 2 by mig_gaussian: in its top three.")
+    assert entry["spearman"] == pytest.approx(0.4) and entry["udr_top_run_mig_rank"] == 2
+    # MIG ranks (1, 4, 2, 3): d^2 sums to 9 + 4 + 1 + 4 = 18, rho = 1 - 6 * 18 / 60 = -0.8
+    lines, _ = reproduce.ranking(runs([0.9, 0.5, 0.7, 0.1], [0.1, 0.4, 0.2, 0.3]), "sprites")
+    assert lines[-1].endswith("runs: -0.800. UDR's top run (r0.pt) is number 4 by mig_gaussian: not in its "
+                              "top three.")
+    lines, entry = reproduce.ranking(runs([0.2, 0.6], [None, None], ()), "celeba")
+    assert lines[-1] == "No ranking by MIG: the data has no factors."
+    assert entry["by_udr"] == [("r1.pt", 0.6), ("r0.pt", 0.2)]
+
+
+def test_study_table_ranks_unlabelled_runs_by_udr_alone(tmp_path, capsys):
+    images = np.random.default_rng(0).integers(0, 256, (48, 64, 64, 1), dtype=np.uint8)
+    np.savez(tmp_path / "plain.npz", images=images)
+    for seed in (0, 1):
+        udr_checkpoint(tmp_path / f"vae-{seed}.pt", "vae", seed, seed, data_name=str(tmp_path / "plain.npz"))
+    assert reproduce.main(["table", "--out", str(tmp_path)]) == 0
+    assert "No ranking by MIG: the data has no factors." in capsys.readouterr().out
+    header, _, row = (tmp_path / "table.md").read_text().splitlines()
+    assert header.endswith("| seeds | udr |") and row.startswith("| plain | VAE |")
+    assert json.loads((tmp_path / "vae-0.dlib.json").read_text()) == {}  # no metric measured

@@ -858,7 +858,7 @@ def write_dlib_results(folder, runs):
     for run in runs:
         flat = {name: value for name, value in metrics.dlib_names(run["result"]).items()
                 if value == value}  # NaN is no JSON number
-        if flat.get("protocol") is None:  # measured before protocols: exact, on every row
+        if flat and flat.get("protocol") is None:  # measured before protocols: exact, all rows
             flat["protocol"] = "exact"
         text = json.dumps(flat, indent=1, allow_nan=False) + "\n"
         data.write_atomically(beside(os.path.join(folder, run["file"]), ".dlib.json"),
