@@ -3,6 +3,7 @@
     python traverse.py ckpt.pt                          # the pictures, beside ckpt.pt
     python traverse.py ckpt.pt --metrics --out grids    # + every metric on the whole dataset
     python traverse.py ckpt.pt --codes codes.npz        # + the codes of the whole dataset
+    python traverse.py ckpt.pt --score sprites          # only: each image's negative ELBO
 
 Writes into --out (default: the checkpoint's folder):
   traversal.png        one row per latent, most informative first (largest mean KL): the code of
@@ -22,12 +23,28 @@ and, with --codes PATH, one .npz (np.savez, no pickle) of the whole dataset: `mu
 posterior means and log-variances, float32 (N, latents); for labelled data also `factors`, int64
 (N, K), `factor_names`, a unicode array (K,), and `factor_sizes`, int64 (K,).
 
+With --score PATH (anything train.py --data takes), instead of all the above, every image of PATH
+is scored by its negative ELBO (runtime.score_dataset), into --out:
+  scores.csv           header index,neg_elbo,recon,kl and, for labelled data, one column per factor
+                       (named as the data names it: class indices); one row per image in the data's
+                       order. Nats per image, neg_elbo = recon + kl: kl is KL(q(z|x) || N(0, I)),
+                       analytic; recon the checkpoint's reconstruction loss (bce: -log p(x|z) of
+                       the Bernoulli decoder; mse: the summed squared error training minimised, not
+                       a likelihood) at ONE sample z ~ q(z|x) drawn with --seed (not at the mean,
+                       which would not be the ELBO): the numbers of training's recon and kl terms
+  scores.png           the 8 most typical images (lowest negative ELBO, lowest first) above the 8
+                       least typical (highest first)
+A plain autoencoder (model ae) has no ELBO and is refused; adagvae and mlvae score single images
+with their encoder and decoder, as a VAE.
+
 The model is rebuilt from the checkpoint alone; the data comes from the checkpoint's config unless
 --data is given (a relative path stored by an older train.py is also looked for beside the
 checkpoint). Needs torch, numpy, pillow, and the toolkit's runtime.py (what the commands share),
 data.py, losses.py, metrics.py and models.py.
 """
 import argparse
+import csv
+import io
 import json
 import math
 import os
@@ -51,6 +68,8 @@ PANEL_WIDTH = 260  # history.png: one panel per term
 PANEL_HEIGHT = 160
 PANEL_COLUMNS = 3
 LOG_SCALE = 20  # history.png plots positive values spanning this factor or more on a log scale
+SCORE_COLUMNS = 8  # scores.png: this many most typical images above as many least typical
+CSV_CHUNK = 65_536  # scores.csv is written this many rows at a time
 NOT_PLOTTED = ("step", "img_per_s", "samples")  # entries of history/evaluations that are not terms
 
 # what the table prints per metric: the first key is the headline, the others follow it
@@ -76,7 +95,9 @@ def parse_args(argv=None):
                     "...\n"
                     "  python traverse.py ckpt.pt --metrics --out grids  # + metrics.json, mi.png\n"
                     "  python traverse.py ckpt.pt --codes codes.npz      # + means, log-variances, "
-                    "factors\n\n"
+                    "factors\n"
+                    "  python traverse.py ckpt.pt --score sprites        # only scores.csv, "
+                    "scores.png\n\n"
                     "See the top of traverse.py for what each file shows.")
     p.add_argument("checkpoint", help="checkpoint written by train.py (its --out)")
     p.add_argument("--out", help="folder for the pictures and metrics.json (default: the "
@@ -92,6 +113,13 @@ def parse_args(argv=None):
     p.add_argument("--codes", metavar="PATH",
                    help="write the whole dataset's posterior means, log-variances and factors to "
                         "this .npz file")
+    p.add_argument("--score", metavar="PATH",
+                   help="instead of the pictures: score every image of PATH (a built-in name, file "
+                        "or folder, as train.py --data) by its negative ELBO in nats, recon + KL "
+                        "(the analytic KL plus the checkpoint's recon loss at one sample "
+                        "z ~ q(z|x) drawn with --seed, not at the mean); write scores.csv "
+                        "(index,neg_elbo,recon,kl, factors) "
+                        "and scores.png (most typical images above least typical)")
     g = p.add_argument_group("pictures")
     g.add_argument("--image", type=int, default=0, help="index of the image whose code is swept")
     g.add_argument("--range", type=float, default=3.0,
@@ -106,7 +134,8 @@ def parse_args(argv=None):
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: cuda when available, else cpu")
     g.add_argument("--seed", type=int, default=0,
-                   help="seed of the metrics' sampling, the prior samples and the image subsets")
+                   help="seed of the metrics' sampling, the prior samples, the image subsets and "
+                        "--score's samples z")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
     args = p.parse_args(argv)
     checks = [
@@ -114,6 +143,8 @@ def parse_args(argv=None):
         (args.steps < 2, "--steps must be at least 2"),
         (args.stats_subset < 1, "--stats-subset must be at least 1"),
         (args.image < 0, "--image must be >= 0"),
+        (args.score is not None and bool(args.metrics or args.codes or args.data),
+         "--score PATH scores the data PATH alone: leave out --metrics, --codes and --data"),
     ]
     for failed, message in checks:
         if failed:
@@ -505,13 +536,100 @@ def measure(mu, logvar, dataset, seed, out, checkpoint, step):
     return result, paths
 
 
+# ----------------------------------------------------------------------------- scores
+
+def write_scores(path, scores, dataset):
+    """scores.csv at `path`, written whole or not at all (data.write_atomically): the header
+    index,neg_elbo,recon,kl then the dataset's factor names (labelled data), one row per image;
+    scores: (neg_elbo, recon, kl), three float arrays (N,) in nats, written to 6 decimals."""
+    names = dataset.factor_names if dataset.factors is not None else []
+    header = io.StringIO()
+    csv.writer(header, lineterminator="\n").writerow(["index", "neg_elbo", "recon", "kl", *names])
+    formats = ["%d", "%.6f", "%.6f", "%.6f"] + ["%d"] * len(names)
+
+    def write(f):
+        f.write(header.getvalue().encode())
+        for start in range(0, len(dataset), CSV_CHUNK):
+            rows = np.arange(start, min(start + CSV_CHUNK, len(dataset)))
+            columns = [rows, *(values[rows] for values in scores)]
+            if names:
+                columns += list(dataset.factors[rows].T)
+            table = np.empty((len(rows), len(columns)), dtype=object)  # ints stay ints
+            for j, column in enumerate(columns):
+                table[:, j] = column
+            np.savetxt(f, table, fmt=formats, delimiter=",")
+
+    data.write_atomically(path, write)
+
+
+def typical_and_atypical(source, neg_elbo, columns=SCORE_COLUMNS):
+    """scores.png: the `columns` images of lowest negative ELBO (top row, lowest first) above the
+    `columns` of highest (bottom row, highest first); fewer columns for fewer images."""
+    order = np.argsort(neg_elbo, kind="stable")
+    count = min(columns, len(order))
+    rows = np.concatenate([order[:count], order[::-1][:count]])
+    pixels = (source.batch(rows) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return tile(pixels, count)
+
+
+def score(args):
+    """--score: the negative ELBO of every image of args.score (runtime.score_dataset: the
+    checkpoint's recon loss, one sample per image drawn with --seed); writes scores.csv and
+    scores.png into --out, prints a summary; returns the exit code."""
+    state = runtime.load_checkpoint(args.checkpoint)
+    config = state["config"]
+    if config["model"] == "ae":
+        raise runtime.UserError(f"{args.checkpoint}: an autoencoder (model ae) has no posterior "
+                                "q(z|x), so no ELBO to score; --score needs a VAE-family model")
+    device = runtime.resolve_device(args.device)
+    model = runtime.model_from_checkpoint(state, args.checkpoint).to(device).eval()
+    dataset = data.load(args.score, seed=config["seed"])  # every image; seed: variants' colours
+    check_fits(dataset, config, f"--score {args.score}")
+    out = output_folder(args)
+    source = runtime.ImageSource(dataset.images, device)
+    scores = runtime.score_dataset(model, source, config["recon"], args.seed,
+                                   what=f"scoring {len(dataset):,} images")
+    paths = [os.path.join(out, "scores.csv"), os.path.join(out, "scores.png")]
+    write_scores(paths[0], scores, dataset)
+    typical_and_atypical(source, scores[0]).save(paths[1])
+    neg_elbo, recon, kl = (float(np.mean(values)) for values in scores)
+    print(f"negative ELBO of {len(dataset):,} images of {dataset.name} (recon {config['recon']}, "
+          f"one sample z per image, seed {args.seed}), nats per image: mean {neg_elbo:.2f} "
+          f"(recon {recon:.2f} + kl {kl:.2f}), median {np.median(scores[0]):.2f}, "
+          f"min {np.min(scores[0]):.2f}, max {np.max(scores[0]):.2f}")
+    print("wrote " + ", ".join(paths))
+    return 0
+
+
 # ----------------------------------------------------------------------------- the command
 
 def main(argv=None):
     """The command line (argv: a list of strings, sys.argv[1:] if None) -> exit code: 0, 1 for a
     problem with the checkpoint, data or paths (one line on stderr), 2 for a bad argument."""
     args = parse_args(argv)
-    return runtime.report_errors(lambda: make_pictures(args), args.debug)
+    work = score if args.score is not None else make_pictures
+    return runtime.report_errors(lambda: work(args), args.debug)
+
+
+def check_fits(dataset, config, source_name):
+    """UserError naming `source_name` unless the dataset's images are the shape the checkpoint's
+    model was trained on (runtime.check_dataset, then its size and channels)."""
+    channels, size = runtime.check_dataset(dataset, config["arch"], source_name)
+    if (channels, size) != (config["channels"], config["size"]):
+        trained = f"{config['size']}x{config['size']}x{config['channels']}"
+        raise runtime.UserError(f"{source_name}: images are {size}x{size}x{channels}, the model "
+                                f"was trained on {trained}")
+
+
+def output_folder(args):
+    """--out (default: the checkpoint's folder), created if missing; UserError if it cannot be."""
+    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as error:
+        raise runtime.UserError(f"--out {out}: cannot create it ({error.strerror})") from error
+    return out
+
 
 
 def load_run(args):
@@ -526,11 +644,7 @@ def load_run(args):
     else:
         source_name = config["data"]
         dataset = runtime.load_checkpoint_data(config, args.checkpoint)
-    channels, size = runtime.check_dataset(dataset, config["arch"], source_name)
-    if (channels, size) != (config["channels"], config["size"]):
-        trained = f"{config['size']}x{config['size']}x{config['channels']}"
-        raise runtime.UserError(f"{source_name}: images are {size}x{size}x{channels}, the model "
-                                f"was trained on {trained}")
+    check_fits(dataset, config, source_name)
     if args.image >= len(dataset):
         raise runtime.UserError(f"--image {args.image}: {dataset.name} has {len(dataset)} images "
                               f"(0 to {len(dataset) - 1})")
@@ -584,11 +698,7 @@ def make_pictures(args):
     """The whole command: load, encode, measure and export (if asked), draw; returns the exit
     code."""
     state, model, dataset, source = load_run(args)
-    out = args.out or os.path.dirname(os.path.abspath(args.checkpoint))
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as error:
-        raise runtime.UserError(f"--out {out}: cannot create it ({error.strerror})") from error
+    out = output_folder(args)
     if args.codes:  # before the long encoding
         check_writable(args.codes, "--codes")
     index, mu, logvar, result, written = encode(args, state, model, dataset, source, out)
