@@ -3285,6 +3285,97 @@ def test_traverse_rejects_a_foreign_file(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"error: {tmp_path}: is a folder, not a checkpoint file"
 
 
+def read_scores(folder):
+    """scores.csv in `folder`: (header names, float64 table)."""
+    path = os.path.join(folder, "scores.csv")
+    with open(path) as f:
+        header = f.readline().strip().split(",")
+    return header, np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
+
+
+def test_traverse_score_is_the_elbo_of_the_models_forward_at_one_sample(tmp_path, capsys):
+    code, checkpoint = run_train(tmp_path, "--model", "vae")
+    assert code == 0
+    assert traverse.main([checkpoint, "--score", TINY, "--out", str(tmp_path / "s"), "--seed", "5"]) == 0
+    header, table = read_scores(tmp_path / "s")
+    dataset = data.load(TINY)
+    assert header == ["index", "neg_elbo", "recon", "kl"] + dataset.factor_names
+    assert len(table) == len(dataset) == 384 and np.array_equal(table[:, 0], np.arange(384))
+    assert np.array_equal(table[:, 4:], dataset.factors)
+    assert np.allclose(table[:, 1], table[:, 2] + table[:, 3], rtol=0, atol=2e-6)
+    # independently: the model's forward on one batch with numpy's noise of seed 5, float64 formulas
+    model = runtime.model_from_checkpoint(load(checkpoint)).eval()
+    x = torch.from_numpy(dataset.images[:100]).permute(0, 3, 1, 2).double() / 255
+    noise = np.random.default_rng(5).standard_normal((100, model.latents))
+    with torch.no_grad():
+        logits, mu, logvar, _ = (t.double() for t in model(x.float(), torch.from_numpy(noise).float()))
+        at_mean = model.decode(mu.float()).double()
+    bce = lambda logits: (logits.clamp(min=0) - logits * x + torch.log1p(torch.exp(-logits.abs()))).sum((1, 2, 3))
+    kl = 0.5 * (mu ** 2 + logvar.exp() - 1 - logvar).sum(1)
+    assert np.allclose(table[:100, 2], bce(logits).numpy(), rtol=1e-5, atol=1e-3)
+    assert np.allclose(table[:100, 3], kl.numpy(), rtol=1e-5, atol=1e-4)
+    assert np.abs(table[:100, 2] - bce(at_mean).numpy()).max() > 1  # a sample, not the posterior mean
+    picture = np.asarray(Image.open(tmp_path / "s" / "scores.png"))
+    assert picture.shape == (2 * 66 + 2, 8 * 66 + 2, 3)  # 2 rows x 8 images, PAD 2
+    lowest, highest = np.argmin(table[:, 1]), np.argmax(table[:, 1])
+    assert np.array_equal(picture[2:66, 2:66, 0], dataset.images[lowest, :, :, 0])
+    assert np.array_equal(picture[68:132, 2:66, 0], dataset.images[highest, :, :, 0])
+    assert traverse.main([checkpoint, "--score", TINY, "--out", str(tmp_path / "t"), "--seed", "6"]) == 0
+    other = read_scores(tmp_path / "t")[1]
+    assert np.allclose(other[:, 3], table[:, 3], atol=2e-6) and not np.allclose(other[:, 2], table[:, 2])
+
+
+def test_traverse_score_refusals_and_pair_models(tmp_path, capsys):
+    code, pairs = run_train(tmp_path, "--model", "adagvae", name="pairs.pt")
+    assert code == 0  # a pair model scores single images with its encoder and decoder
+    assert traverse.main([pairs, "--score", TINY + ",exclude=shape=0", "--out", str(tmp_path)]) == 0
+    assert read_scores(tmp_path)[1].shape == (256, 9)
+    capsys.readouterr()
+    colour = "shapes:hues=1,scales=1,orientations=2"
+    assert traverse.main([pairs, "--score", colour]) == 1
+    assert capsys.readouterr().err.strip() == (f"error: --score {colour}: images are 64x64x3, the "
+                                               "model was trained on 64x64x1")
+    code, autoencoder = run_train(tmp_path, "--model", "ae", name="ae.pt")
+    assert code == 0
+    capsys.readouterr()
+    assert traverse.main([autoencoder, "--score", TINY]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no ELBO" in err[0]
+    assert_one_line_usage_error(traverse.main, [pairs, "--score", TINY, "--metrics"], "traverse.py",
+                                "--score PATH scores the data PATH alone", capsys)
+
+
+# examples/anomaly.py
+
+_anomaly_spec = importlib.util.spec_from_file_location("anomaly", os.path.join(HERE, "examples", "anomaly.py"))
+anomaly = importlib.util.module_from_spec(_anomaly_spec)
+_anomaly_spec.loader.exec_module(anomaly)
+
+
+def test_roc_auc_against_hand_values_with_ties_and_pair_counts():
+    # positives 2 and 3, negatives 1 and 2: pairs (2,1) 1, (2,2) a tie 0.5, (3,1) 1, (3,2) 1 -> 3.5 / 4
+    assert anomaly.roc_auc([1, 2, 2, 3], [False, True, False, True]) == 0.875
+    assert anomaly.roc_auc([5, 5, 5], [True, False, False]) == 0.5  # all tied
+    assert anomaly.roc_auc([0.1, 0.2, 0.9], [False, False, True]) == 1.0
+    assert anomaly.roc_auc([0.9, 0.2, 0.1], [False, False, True]) == 0.0
+    # positives 1, 1, 4 against negatives 1, 2: (1,1) 0.5 twice, (1,2) 0 twice, (4,*) 1 twice -> 3 / 6
+    assert anomaly.roc_auc([1, 4, 1, 1, 2], [True, True, True, False, False]) == 0.5
+    rng = np.random.default_rng(0)  # many ties: every (positive, negative) pair counted by brute force
+    scores = rng.integers(0, 6, 300).astype(float)
+    positive = rng.random(300) < 0.3
+    pairs = scores[positive][:, None] - scores[~positive][None, :]
+    brute = ((pairs > 0).sum() + 0.5 * (pairs == 0).sum()) / pairs.size
+    assert abs(anomaly.roc_auc(scores, positive) - brute) < 1e-12
+    for scores, positive in [([1, 2], [True, True]), ([1, np.nan], [True, False]), ([1, 2], [True])]:
+        with pytest.raises(ValueError):
+            anomaly.roc_auc(scores, positive)
+
+
+def test_anomaly_example_refuses_bad_arguments_in_one_line(capsys):
+    for argv, message in [(["--steps", "0"], "--steps 0"), (["--held-out", "star"], "--held-out"),
+                          (["--grid", "sprites:positions=8"], "--grid")]:
+        assert_one_line_usage_error(anomaly.main, argv, "anomaly.py", message, capsys)
+
 # ----------------------------------------------------------------------------- examples
 
 def test_bench_and_the_examples_report_a_bad_argument_in_one_line(capsys):
@@ -3327,7 +3418,8 @@ def imported_modules(path):
 
 
 def test_commands_share_runtime_and_import_no_name_from_train():
-    commands = ["traverse.py", "bench.py", "examples/reproduce.py", "examples/metric_properties.py"]
+    commands = ["traverse.py", "bench.py", "examples/reproduce.py", "examples/metric_properties.py",
+                "examples/anomaly.py"]
     for command in commands:
         assert "train" not in imported_modules(os.path.join(HERE, command)), command
     assert "runtime" in imported_modules(os.path.join(HERE, "train.py"))
