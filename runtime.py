@@ -7,18 +7,22 @@
                  ImageSource
     encoding     encoding_precision, Progress, encode_dataset, score_dataset, evaluation_index,
                  evaluate_codes
+    pictures     to_pixels, tile, traversal (traverse.py's traversal.png, train.py's TensorBoard)
     checkpoints  CHECKPOINT_FORMAT, plain, save_checkpoint, load_checkpoint (with its config
                  check), build_model, model_from_checkpoint
+    history      history_path, append_history, read_history, rewrite_history, flat_metrics: the
+                 run's history CSV beside its checkpoint (step,name,value)
 
 A problem with the user's input or files is a UserError (or data.DataError): report_errors prints
 it as one line and returns exit code 1; ArgumentParser prints a bad argument as one line, exit 2.
-Needs torch, numpy and the toolkit's leaf modules data.py, losses.py, metrics.py and models.py;
-nothing here calls code hidden in another file.
+Needs torch, numpy, pillow and the toolkit's leaf modules data.py, losses.py, metrics.py and
+models.py; nothing here calls code hidden in another file.
 """
 import argparse
 import hashlib
 import io
 import math
+import numbers
 import os
 import pickle
 import sys
@@ -28,6 +32,7 @@ import warnings
 import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 
 import data
 import losses
@@ -202,6 +207,49 @@ class ImageSource:
         if self.device.type == "cuda":
             batch = batch.pin_memory().to(self.device, non_blocking=True)
         return to_float(batch)
+
+
+# ============================================================================= pictures
+
+TILE_PAD = 2  # pixels between the images of a tiled grid
+
+
+def to_pixels(logits):
+    """Model output logits (B, C, H, W) -> uint8 numpy (B, H, W, C), 0..255."""
+    return (torch.sigmoid(logits.float()) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def tile(images, columns, background=255):
+    """uint8 (N, H, W, C) -> one RGB PIL image of them, `columns` to a row, TILE_PAD pixels
+    apart."""
+    n, h, w, c = images.shape
+    rows = -(-n // columns)
+    pad = TILE_PAD
+    grid = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, 3), background, np.uint8)
+    for i, image in enumerate(images):
+        top = pad + (i // columns) * (h + pad)
+        left = pad + (i % columns) * (w + pad)
+        grid[top:top + h, left:left + w] = image if c == 3 else image.repeat(3, axis=2)
+    return Image.fromarray(grid)
+
+
+def traversal_codes(code, order, values):
+    """(len(order) * len(values), D): `code` repeated; in block r, latent order[r] takes each
+    value."""
+    codes = code.repeat(len(order) * len(values), 1)
+    for row, j in enumerate(order):
+        codes[row * len(values):(row + 1) * len(values), j] = values
+    return codes
+
+
+@torch.inference_mode()
+def traversal(model, source, image, order, values):
+    """The latent traversal of one image: uint8 numpy (len(order) * len(values), H, W, C), the
+    decodings of the code (posterior mean) of row `image` of `source` (an ImageSource) with latent
+    order[r] set to each of `values` (a 1-D float tensor) in block r (Higgins et al. 2017's
+    figures; traverse.py's traversal.png, train.py's TensorBoard image)."""
+    code = model.encode(source.batch(np.array([image])))[0][0].float()
+    return to_pixels(model.decode(traversal_codes(code, order, values.to(code.device))))
 
 
 # ======================================================================= encoding and evaluating
@@ -520,3 +568,65 @@ def model_from_checkpoint(state, path="checkpoint"):
         raise UserError(f"{path}: model weights do not fit the model in its config: "
                         f"{lines[min(1, len(lines) - 1)][:300]}") from error
     return model
+
+
+# ============================================================================= the run's history
+
+HISTORY_HEADER = "step,name,value\n"
+
+
+def history_path(checkpoint):
+    """Where a run's history CSV lies: beside its checkpoint, named after it less .pt
+    (runs/bvae.pt -> runs/bvae.history.csv; runs/bvae.ckpt -> runs/bvae.ckpt.history.csv)."""
+    return checkpoint.removesuffix(".pt") + ".history.csv"
+
+
+def append_history(path, step, values):
+    """Append one row `step,name,value` per entry of `values` ({name: float}) to the CSV at `path`
+    (created with its header if absent), in one write, and close the file: a run killed later
+    keeps every row written before. Values are written as repr(float) (read back exactly; nan and
+    inf as such). UserError naming the file if it cannot be written."""
+    text = "".join(f"{step},{name},{float(value)!r}\n" for name, value in values.items())
+    try:
+        new = not os.path.exists(path)
+        with open(path, "a") as f:
+            f.write((HISTORY_HEADER if new else "") + text)
+    except OSError as error:
+        raise UserError(f"cannot write the run's history {path}: {error.strerror or error}") \
+            from error
+
+
+def read_history(path):
+    """The rows of a history CSV as a list of (step int, name str, value float), in file order;
+    lines that do not parse (the header, a line cut short) are skipped."""
+    rows = []
+    with open(path) as f:
+        for line in f:
+            fields = line.rstrip("\n").split(",")
+            try:
+                rows.append((int(fields[0]), fields[1], float(fields[2])))
+            except (ValueError, IndexError):
+                continue
+    return rows
+
+
+def rewrite_history(path, keep):
+    """Rewrite the CSV at `path` (atomically: data.write_atomically) with only the rows for which
+    keep(step, name) is true; a missing file becomes one with just the header."""
+    rows = read_history(path) if os.path.exists(path) else []
+    text = HISTORY_HEADER + "".join(f"{step},{name},{value!r}\n" for step, name, value in rows
+                                    if keep(step, name))
+    data.write_atomically(path, lambda f: f.write(text.encode()))
+
+
+def flat_metrics(result):
+    """metrics.evaluate's result (or a part of it) as one flat {name: float}, for the history:
+    each number of an entry as ENTRY_KEY (dci_disentanglement, mig_discrete_mig), a "score" or a
+    key equal to the entry's name as the entry's name alone (sap_score, dcimig); arrays, text and
+    metrics that failed are left out."""
+    flat = {}
+    for entry, values in result.items():
+        for key, value in values.items():
+            if isinstance(value, numbers.Real) and not isinstance(value, bool):
+                flat[entry if key in ("score", entry) else f"{entry}_{key}"] = float(value)
+    return flat

@@ -3030,6 +3030,82 @@ def test_sigkill_leaves_a_loadable_checkpoint(tmp_path):
     step = load(out)["step"]
     assert step >= 2 and step % 2 == 0
     assert run_train(tmp_path, "--resume", "--steps", str(step + 1))[0] == 0
+    loss_steps = [s for s, name, _ in runtime.read_history(str(tmp_path / "ckpt.history.csv"))
+                  if name == "loss"]
+    assert loss_steps == list(range(1, step + 2))  # what it logged past its last save: once
+
+
+def history_by_name(out):
+    """{name: [(step, value), ...]} of the history CSV beside checkpoint `out`."""
+    rows = runtime.read_history(runtime.history_path(out))
+    by_name = {}
+    for step, name, value in rows:
+        by_name.setdefault(name, []).append((step, value))
+    return by_name
+
+
+def test_history_csv_of_a_killed_and_resumed_run_has_every_step_once(tmp_path):
+    fp32 = ("--precision", "fp32", "--log-every", "1", "--final-eval", "100")
+    assert run_train(tmp_path, *fp32, "--steps", "2")[0] == 0
+    saved_at_2 = (tmp_path / "ckpt.pt").read_bytes()
+    assert run_train(tmp_path, *fp32, "--resume", "--steps", "4")[0] == 0
+    logged_to_4 = history_by_name(str(tmp_path / "ckpt.pt"))
+    (tmp_path / "ckpt.pt").write_bytes(saved_at_2)  # killed at step 4, last saved at step 2,
+    with open(tmp_path / "ckpt.history.csv", "a") as f:  # in the middle of writing a row
+        f.write("4,kl_")
+    code, out = run_train(tmp_path, *fp32, "--resume", "--steps", "5")
+    assert code == 0
+    header = (tmp_path / "ckpt.history.csv").read_text().splitlines()[0]
+    by_name = history_by_name(out)
+    assert header == "step,name,value"
+    terms = ["loss", "recon", "kl", "mi", "tc", "dwkl"] + [f"kl_{j}" for j in range(10)]
+    for name in terms:  # every step once; steps 3 and 4 again as they were (bit-exact resume)
+        assert [s for s, _ in by_name[name]] == [1, 2, 3, 4, 5], name
+        assert by_name[name][:4] == logged_to_4[name], name
+    history = load(out)["history"]
+    for i, entry in enumerate(history):  # the latents' KLs are the kl term's parts
+        assert sum(by_name[f"kl_{j}"][i][1] for j in range(10)) == pytest.approx(entry["kl"], 1e-5)
+        assert by_name["recon"][i][1] == entry["recon"]
+    final = load(out)["final"]["metrics"]  # the final metrics at steps 2 and 5, once each
+    assert by_name["dci_disentanglement"][-1] == (5, final["dci"]["disentanglement"])
+    assert by_name["mig_discrete_mig"][-1] == (5, final["mig_discrete"]["mig"])
+    assert [s for s, _ in by_name["sap_score"]] == [2, 5]
+    assert run_train(tmp_path, *fp32, "--resume", "--steps", "5")[0] == 0  # measures again, once
+    assert [s for s, _ in history_by_name(out)["sap_score"]] == [2, 5]
+    assert run_train(tmp_path, *fp32, "--force", "--steps", "1")[0] == 0  # a new run: a new CSV
+    assert [s for s, _ in history_by_name(out)["loss"]] == [1]
+
+
+def test_tensorboard_has_the_scalars_and_the_traversal(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    code, out = run_train(tmp_path, "--steps", "4", "--eval-every", "2", "--eval-subset", "100",
+                          "--final-eval", "100", "--tensorboard", str(tmp_path / "tb"))
+    assert code == 0
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    tags = events.Tags()
+    by_name = history_by_name(out)
+    assert set(tags["scalars"]) == set(by_name)  # the CSV's names: terms, kl_j, metrics
+    assert {"loss", "kl_9", "mig_discrete_mig", "dci_disentanglement"} <= set(tags["scalars"])
+    for name in ("loss", "kl_0", "dci_disentanglement"):
+        logged = [(e.step, e.value) for e in events.Scalars(name)]
+        assert logged == [(s, pytest.approx(v, rel=1e-6)) for s, v in by_name[name]], name
+    assert tags["images"] == ["traversal"]
+    pictures = events.Images("traversal")
+    assert [p.step for p in pictures] == [2, 4, 4]  # each periodic evaluation, and the end
+    with Image.open(io.BytesIO(pictures[-1].encoded_image_string)) as picture:
+        assert picture.size == (10 * 66 + 2, 10 * 66 + 2)  # 10 latents x 10 values of 64 px
+        assert len(set(picture.convert("L").getdata())) > 2  # decoded images, not a blank
+
+
+def test_tensorboard_without_the_package_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: None if name == "tensorboard" else real_find_spec(name, *rest))
+    argv = ["--data", TINY, "--out", str(tmp_path / "ckpt.pt"), "--tensorboard", str(tmp_path / "tb")]
+    assert_one_line_usage_error(train.main, argv, "train.py", "pip install tensorboard", capsys)
+    assert os.listdir(tmp_path) == []  # nothing trained, nothing written
 
 
 def torchrun(*argv, processes=2):
@@ -3164,6 +3240,19 @@ def test_traverse_metrics_json_is_metrics_evaluate_on_the_whole_dataset(traverse
         assert image.size == (170 + 5 * 66 + 2, 10 * 66 + 2)
 
 
+def test_traverse_dlib_json_has_disentanglement_lib_names(traversed):
+    t = traversed
+    flat = json.loads((t["folder"] / "grids" / "ckpt.dlib.json").read_text())
+    report = json.loads((t["folder"] / "grids" / "metrics.json").read_text())["metrics"]
+    dlib = {name for name, _, _ in metrics.DLIB_NAMES} | {"protocol"}
+    assert set(flat) <= dlib | {k for k in flat if k.startswith("downstream_accuracy_")}
+    assert {"discrete_mig", "dci_disentanglement", "beta_vae_score", "factor_vae_score", "sap_score",
+            "modularity", "irs"} <= set(flat)
+    assert flat["discrete_mig"] == report["mig_discrete"]["mig"]
+    assert flat["dci_disentanglement"] == report["dci"]["disentanglement"]
+    assert flat["modularity"] == report["modularity_explicitness"]["modularity"]
+
+
 def test_traverse_codes_round_trip(traversed):
     t = traversed
     with np.load(t["folder"] / "codes.npz", allow_pickle=False) as codes:
@@ -3201,20 +3290,35 @@ def test_traversal_gif_frames_are_the_sweep_forward_and_back(traversed):
         assert not np.array_equal(expected[cell, 0], expected[cell, -1])  # the check can tell values apart
 
 
-def test_history_png_has_one_panel_per_logged_term(traversed):
+def test_history_png_draws_the_csv_beside_the_checkpoint(traversed):
     state = load(traversed["checkpoint"])
-    series = traverse.history_series(state["history"], state["evaluations"])
-    assert [title for title, _, _ in series] == ["loss", "recon", "kl", "mi", "tc", "dwkl", "discrete_mig"]
-    assert series[1][1] == [2, 4, 6, 8] and series[1][2] == [h["recon"] for h in state["history"]]
-    assert series[-1][1] == [4, 8]
+    rows = runtime.read_history(runtime.history_path(traversed["checkpoint"]))
+    series = traverse.history_series(rows)
+    titles = ["loss", "recon", "kl", "mi", "tc", "dwkl", "kl per latent", "mig_discrete_mig"]
+    assert [title for title, _ in series] == titles  # final metrics (one point each) left out
+    assert series[1][1] == [("", [2, 4, 6, 8], [h["recon"] for h in state["history"]])]
+    latents = series[6][1]
+    assert [label for label, _, _ in latents] == [str(j) for j in range(10)]
+    kl_sums = np.sum([values for _, _, values in latents], axis=0)  # the latents' KLs add up to kl
+    assert np.allclose(kl_sums, [h["kl"] for h in state["history"]], rtol=1e-5, atol=1e-7)
+    mig = series[7][1][0]  # periodic at 4; the final evaluation's at 8 (over the periodic one)
+    assert mig[1] == [4, 8] and mig[2][1] == state["final"]["metrics"]["mig_discrete"]["mig"]
+    assert mig[2][0] == state["evaluations"][0]["discrete_mig"]
     width, height = traverse.PANEL_WIDTH, traverse.PANEL_HEIGHT
     with Image.open(traversed["folder"] / "grids" / "history.png") as image:
-        pixels = np.asarray(image.convert("L"))
-    assert pixels.shape == (3 * height, 3 * width)  # 7 panels, 3 to a row
-    for i in range(9):  # the title strip of each panel has text; the two empty slots are blank
+        assert image.format == "PNG"
+        pixels = np.asarray(image.convert("RGB")).astype(int)
+    assert pixels.shape == (3 * height, 3 * width, 3)  # 8 panels, 3 to a row
+    gray = pixels.mean(axis=2)
+    for i in range(9):  # the title strip of each panel has text; the empty slot is blank
         top, left = i // 3 * height, i % 3 * width
-        assert (pixels[top + 2:top + 16, left + 56:left + 120] < 128).any() == (i < 7), i
-    assert (pixels[2 * height:, width:] == 255).all()
+        assert (gray[top + 2:top + 16, left + 56:left + 120] < 128).any() == (i < 8), i
+    assert (gray[2 * height:, 2 * width:] == 255).all()
+    panel = pixels[2 * height:3 * height, 0:width]  # kl per latent: a line in each colour
+    for colour in traverse.LINE_COLOURS:
+        assert (np.abs(panel - colour).sum(axis=2) == 0).any(), colour
+    before_csv = traverse.history_series(traverse.checkpoint_rows(state))  # a run without a CSV
+    assert [title for title, _ in before_csv] == titles[:6] + ["discrete_mig"]
 
 
 def test_traverse_old_checkpoint_with_single_valued_factors(traversed, tmp_path, capsys):

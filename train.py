@@ -8,9 +8,11 @@
 Batches are drawn by index from the uint8 image array and converted on the fly (no DataLoader).
 The checkpoint (--out) is written atomically every --save-every steps, before every evaluation, at
 the end, and when the run is interrupted (Ctrl-C, SIGTERM) or stopped by a non-finite loss;
-`torch.load(path, weights_only=True)` reads it. Under torchrun every process takes its slice of the
-same global batch, the codes of the whole batch are gathered for the objectives that compare samples
-(beta-TCVAE, FactorVAE, DIP-VAE), and only rank 0 prints, saves and evaluates.
+`torch.load(path, weights_only=True)` reads it. Beside it, the run's history grows as a CSV in
+long format (ckpt.pt: ckpt.history.csv; see --help); --tensorboard DIR logs the same to
+TensorBoard. Under torchrun every process takes its slice of the same global batch, the codes of
+the whole batch are gathered for the objectives that compare samples (beta-TCVAE, FactorVAE,
+DIP-VAE), and only rank 0 prints, saves, evaluates and writes the logs.
 
 Ada-GVAE and ML-VAE (--model adagvae | mlvae, Locatello et al. 2020) train on pairs of images whose
 factors differ in --k of them (data.PairSampler, drawn with replacement from a seeded generator
@@ -28,6 +30,7 @@ study's runs this way before starting any.
 """
 import argparse
 import contextlib
+import importlib.util
 import io
 import json
 import math
@@ -79,6 +82,8 @@ PER_INVOCATION = ("out", "device", "compile", "skip_nonfinite", "save_every", "l
                   "eval_every", "eval_subset", "final_eval")
 BATCH_OBJECTIVES = ("betatc", "factorvae", "dipvae1", "dipvae2")  # they compare samples in a batch
 MAX_SKIPPED_IN_A_ROW = 100  # --skip-nonfinite gives up when the run itself has diverged
+TRAVERSAL_RANGE = 3.0  # --tensorboard's traversal: each latent over 10 values in [-3, 3], as
+TRAVERSAL_STEPS = 10   # traverse.py's defaults
 LOGGED_TERMS = """logged terms (progress line and the checkpoint's history; batch means, nats):
   loss    the objective minimised          recon  reconstruction loss per image
   kl      KL(q(z|x) || p(z)) summed over latents
@@ -89,7 +94,18 @@ LOGGED_TERMS = """logged terms (progress line and the checkpoint's history; batc
   discriminator_loss, discriminator_accuracy   factorvae: how well it tells q(z) from prod q(z_j)
   dip     dipvae1/dipvae2: the covariance penalty before its lambdas
   shared  adagvae/mlvae: latents per pair taken as shared (kl is the aggregated posteriors')
-  mig     with --eval-every: the discrete MIG of the means on --eval-subset images"""
+  mig     with --eval-every: the discrete MIG of the means on --eval-subset images
+
+the history CSV beside --out (ckpt.pt: ckpt.history.csv), long format `step,name,value`,
+appended at every log point (a killed run keeps what it logged; --resume drops the rows past the
+checkpoint's step and continues it; a new run starts it anew):
+  every logged term above, as averaged for the checkpoint's history
+  kl_0 .. kl_{D-1}  each latent's KL(q(z_j|x) || N(0, 1)), batch mean in nats (adagvae/mlvae:
+                    of the encoder's posteriors, before aggregation)
+  metrics           of --eval-every and of the final evaluation, named ENTRY_KEY after
+                    metrics.evaluate's entries (mig_discrete_mig, dci_disentanglement; a "score"
+                    as its entry: sap_score); the final values replace a periodic one at its
+                    step"""
 
 
 # ============================================================================= the command line
@@ -200,7 +216,9 @@ def _optimisation_options(g):
 
 
 def _output_options(g):
-    g.add_argument("--out", default="ckpt.pt", help="checkpoint path")
+    g.add_argument("--out", default="ckpt.pt",
+                   help="checkpoint path; the run's history goes beside it as a CSV "
+                        "(ckpt.pt: ckpt.history.csv), see below")
     g.add_argument("--resume", action="store_true",
                    help="continue the run saved in --out (model, optimizer, step, RNGs); options "
                         "left out keep the checkpoint's values")
@@ -218,6 +236,10 @@ def _output_options(g):
                    help="images used by the final evaluation (every metric of metrics.evaluate): "
                         "0 for the whole dataset, or a fixed random subset of N (resuming a "
                         "finished run only redoes this evaluation)")
+    g.add_argument("--tensorboard", metavar="DIR",
+                   help="also log the terms and metrics as TensorBoard scalars and the traversal "
+                        "of image 0 as an image at each evaluation, into DIR (needs the "
+                        "tensorboard package: pip install tensorboard)")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -264,6 +286,9 @@ def _argument_problems(args):
         ((args.lambda_od is not None or args.lambda_d is not None)
          and not model.startswith("dipvae"),
          "--lambda-od and --lambda-d are for --model dipvae1 or dipvae2"),
+        (args.tensorboard is not None and importlib.util.find_spec("tensorboard") is None,
+         "--tensorboard needs the tensorboard package, which is not installed: "
+         "pip install tensorboard"),
     ]
     return [message for failed, message in checks if failed]
 
@@ -570,6 +595,9 @@ class _Run:
         self.history = []
         self.evaluations = []
         self.skipped = 0
+        self.latent_kl = torch.zeros(config["latents"], device=device)  # summed since last logged
+        self.history_csv = runtime.history_path(config["out"])
+        self.tensorboard = None  # --tensorboard: a SummaryWriter on the first process
         self.hyper = _objective_weights(config, len(dataset))
         self.step_model, self.step_discriminator = _step_modules(self, config, device)
         self.source = runtime.ImageSource(dataset.images, device)
@@ -726,6 +754,7 @@ def _train_step(run, x, noise):
     terms = _mean_over_processes({"loss": values.pop("loss"), **terms, **values}, run.device)
     finite = finite and all(math.isfinite(v) for v in terms.values())
     if finite:
+        run.latent_kl += losses.kl_normal(mu.detach().float(), logvar.detach().float()).mean(0)
         run.scaler.step(run.optimizer)
         run.scaler.update()
         if run.discriminator is not None:
@@ -783,14 +812,66 @@ def _nonfinite_stop(run, step_terms, skipped_in_a_row):
 
 
 def _log(run, window, progress, terms):
-    """Add a step's terms to the window; every --log-every steps, average it into the history."""
+    """Add a step's terms to the window; every --log-every steps, average it into the history (and
+    the history CSV, with each latent's KL)."""
     for k, v in terms.items():
         window[k] = window.get(k, 0.0) + v
     window["n"] = window.get("n", 0) + 1
     if run.step % run.config["log_every"] == 0 or run.step == run.config["steps"]:
         means = {k: v / window["n"] for k, v in window.items() if k != "n"}
         run.history.append({"step": run.step, "img_per_s": progress.rate(run.step), **means})
+        _record(run, {**means, **_latent_kls(run, window["n"])})
         window.clear()
+
+
+def _latent_kls(run, steps):
+    """{kl_0: ..., kl_{D-1}: ...}: each latent's KL(q(z_j|x) || N(0, 1)), batch mean in nats,
+    averaged over the `steps` steps summed in run.latent_kl (then zeroed) and over processes."""
+    kls = {f"kl_{j}": v / steps for j, v in enumerate(run.latent_kl.tolist())}
+    run.latent_kl.zero_()
+    return _mean_over_processes(kls, run.device)
+
+
+def _record(run, values, replace=False):
+    """Append `values` ({name: float}) at this step to the history CSV beside --out and, with
+    --tensorboard, as scalars (first process only). replace: drop these names' rows at this step
+    first (the final evaluation's over a periodic one, or over those a resumed run re-measures)."""
+    if not runtime.first_process():
+        return
+    if replace:
+        runtime.rewrite_history(run.history_csv,
+                                lambda step, name: step != run.step or name not in values)
+    runtime.append_history(run.history_csv, run.step, values)
+    if run.tensorboard is not None:
+        for name, value in values.items():
+            run.tensorboard.add_scalar(name, value, run.step)
+        run.tensorboard.flush()
+
+
+def _record_evaluation(run, result, final=False):
+    """An evaluation's metrics into the history (runtime.flat_metrics names) and, with
+    --tensorboard, the traversal of image 0 (a row per latent, TRAVERSAL_STEPS values in
+    +-TRAVERSAL_RANGE) as an image."""
+    _record(run, runtime.flat_metrics(result), replace=final)
+    if run.tensorboard is not None:
+        values = torch.linspace(-TRAVERSAL_RANGE, TRAVERSAL_RANGE, TRAVERSAL_STEPS)
+        pixels = runtime.traversal(run.model, run.source, 0, range(run.config["latents"]), values)
+        picture = np.asarray(runtime.tile(pixels, TRAVERSAL_STEPS))
+        run.tensorboard.add_image("traversal", picture, run.step, dataformats="HWC")
+        run.tensorboard.flush()
+
+
+def _start_logs(run, resumed, tensorboard):
+    """First process: the history CSV beside --out, empty for a new run; a resumed run keeps the
+    rows up to its checkpoint's step (one killed after its last save had logged beyond it).
+    tensorboard: --tensorboard's folder or None; its events past the checkpoint are purged."""
+    if not runtime.first_process():
+        return
+    runtime.rewrite_history(run.history_csv,
+                            lambda step, name: resumed is not None and step <= run.step)
+    if tensorboard is not None:
+        from torch.utils.tensorboard import SummaryWriter  # optional, not a dependency
+        run.tensorboard = SummaryWriter(tensorboard, purge_step=run.step + 1 if resumed else None)
 
 
 def _periodic_mig(run):
@@ -811,6 +892,7 @@ def _periodic_mig(run):
         return None
     mig = float(result["mig_discrete"]["mig"])
     run.evaluations.append({"step": run.step, "discrete_mig": mig, "samples": len(mu)})
+    _record_evaluation(run, result)
     return mig
 
 
@@ -822,9 +904,14 @@ def train(args):
     run, resumed = _build_run(args, device)
     if runtime.rank() == 0:
         _say_what_runs(run, resumed)
-    with _StopRequest() as stop:
-        progress = _loop(run, stop)
-        return _finish(run, stop, progress, resumed)
+    _start_logs(run, resumed, args.tensorboard)
+    try:
+        with _StopRequest() as stop:
+            progress = _loop(run, stop)
+            return _finish(run, stop, progress, resumed)
+    finally:
+        if run.tensorboard is not None:
+            run.tensorboard.close()
 
 
 def _precision_reason(run):
@@ -920,6 +1007,7 @@ def _finish(run, stop, progress, resumed):
               f"{out} --metrics", file=sys.stderr)
         return 128 + interrupted.signum
     run.save(final)
+    _record_evaluation(run, final["metrics"], final=True)
     print(summary + f"; saved {out}")
     return 0
 

@@ -13,9 +13,15 @@ Writes into --out (default: the checkpoint's folder):
                        order of traversal.png), one frame per sweep value, forward and back, looping
   reconstructions.png  8 images (top) above their reconstructions (bottom)
   samples.png          64 decodings of codes drawn from the prior N(0, I)
-  history.png          the logged terms and periodic metrics of the run against the step (when the
-                       checkpoint's history holds two points or more)
+  history.png          the run's logged terms, per-latent KLs and periodic metrics against the step,
+                       from the history CSV beside the checkpoint (ckpt.pt: ckpt.history.csv), or
+                       from the checkpoint's own history (no per-latent KLs) where there is none;
+                       each name logged at two steps or more
   metrics.json         with --metrics: every metric of metrics.evaluate on the whole dataset
+  NAME.dlib.json       with --metrics, named after the checkpoint (ckpt.pt: ckpt.dlib.json): the
+                       same metrics as one flat JSON object under disentanglement_lib's result
+                       names (metrics.dlib_names: discrete_mig, dci_disentanglement, ...), as
+                       examples/reproduce.py writes beside each checkpoint of a study
   mi.png               with --metrics: the mutual information of each latent with each factor,
                        divided by the factor's entropy (Chen et al.'s Gaussian estimator; the
                        discretized estimator's where the Gaussian one could not be measured)
@@ -48,6 +54,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -56,6 +63,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import data
 import losses
+import metrics
 import runtime
 
 COLLAPSED_KL = 0.01  # mean KL (nats) under which a latent carries no information
@@ -63,7 +71,7 @@ FRAME_MS = 120       # how long traversal.gif shows each sweep value
 GIF_COLUMNS = 5      # at most this many latents per row of traversal.gif
 GIF_HEADER = 16      # pixels above the cells of traversal.gif, for the sweep value
 GIF_LABEL = 12       # pixels above each cell of traversal.gif, for the latent's name
-PAD = 2              # pixels between the images of every grid
+PAD = runtime.TILE_PAD  # pixels between the images of every grid
 PANEL_WIDTH = 260  # history.png: one panel per term
 PANEL_HEIGHT = 160
 PANEL_COLUMNS = 3
@@ -71,6 +79,8 @@ LOG_SCALE = 20  # history.png plots positive values spanning this factor or more
 SCORE_COLUMNS = 8  # scores.png: this many most typical images above as many least typical
 CSV_CHUNK = 65_536  # scores.csv is written this many rows at a time
 NOT_PLOTTED = ("step", "img_per_s", "samples")  # entries of history/evaluations that are not terms
+LINE_COLOURS = ((31, 90, 180), (230, 120, 20), (40, 150, 60), (200, 40, 40), (140, 90, 190),
+                (140, 85, 70), (220, 110, 180), (110, 110, 110), (170, 170, 30), (20, 170, 190))
 
 # what the table prints per metric: the first key is the headline, the others follow it
 HEADLINES = {"mig_discrete": ("mig",), "mig_gaussian": ("mig",), "beta_vae_score": ("score",),
@@ -154,23 +164,6 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- drawing
-
-def to_pixels(logits):
-    """Model output logits (B, C, H, W) -> uint8 numpy (B, H, W, C), 0..255."""
-    return (torch.sigmoid(logits.float()) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-
-
-def tile(images, columns, background=255):
-    """uint8 (N, H, W, C) -> one RGB grid image with `columns` columns, PAD pixels apart."""
-    n, h, w, c = images.shape
-    rows = -(-n // columns)
-    grid = np.full((rows * (h + PAD) + PAD, columns * (w + PAD) + PAD, 3), background, np.uint8)
-    for i, image in enumerate(images):
-        top = PAD + (i // columns) * (h + PAD)
-        left = PAD + (i % columns) * (w + PAD)
-        grid[top:top + h, left:left + w] = image if c == 3 else image.repeat(3, axis=2)
-    return Image.fromarray(grid)
-
 
 def with_labels(grid, labels, row_height, width=170):
     """Put one text label left of each row of `grid` (rows of row_height pixels, PAD apart)."""
@@ -256,18 +249,32 @@ def gif_frames(pixels, names, values):
 
 # ----------------------------------------------------------------------------- history.png
 
-def history_series(history, evaluations=()):
-    """[(title, steps, values)]: each term logged in `history` (the checkpoint's list of dicts), in
-    the order first logged, then each periodic metric of `evaluations`; finite points only."""
-    series = []
-    for entries in (history, evaluations):
-        names = list(dict.fromkeys(k for entry in entries for k in entry if k not in NOT_PLOTTED))
-        for name in names:
-            points = [(entry["step"], float(entry[name])) for entry in entries
-                      if isinstance(entry.get(name), (int, float)) and math.isfinite(entry[name])]
-            if points:
-                series.append((name, [s for s, _ in points], [v for _, v in points]))
-    return series
+def checkpoint_rows(state):
+    """The history rows (step, name, value) a checkpoint holds itself: its logged terms, then its
+    periodic metrics (what history.png draws for a run without a history CSV)."""
+    entries = (state.get("history") or []) + (state.get("evaluations") or [])
+    return [(entry["step"], name, float(value)) for entry in entries
+            for name, value in entry.items()
+            if name not in NOT_PLOTTED and isinstance(value, (int, float))]
+
+
+def history_series(rows):
+    """[(title, [(label, steps, values)])]: one panel per name of the history rows (step, name,
+    value; runtime.read_history), in the order first logged, each with one line; the per-latent
+    KLs kl_0, kl_1, ... share one panel, a line each, labelled 0, 1, ... Finite points only; a
+    name with fewer than two (a final metric, measured once) is left out."""
+    points = {}
+    for step, name, value in rows:
+        if math.isfinite(value):
+            points.setdefault(name, []).append((step, value))
+    panels = {}
+    for name, pairs in points.items():
+        latent = re.fullmatch(r"kl_(\d+)", name)
+        if len(pairs) >= 2:
+            title = "kl per latent" if latent else name
+            line = (latent.group(1) if latent else "", [s for s, _ in pairs], [v for _, v in pairs])
+            panels.setdefault(title, []).append(line)
+    return list(panels.items())
 
 
 def nice_ticks(low, high, count=4, smallest_spacing=0.0):
@@ -302,10 +309,13 @@ def log_ticks(low, high):
     return [t for t in ticks if lowest <= t <= highest]
 
 
-def draw_panel(title, steps, values):
-    """One PANEL_WIDTH x PANEL_HEIGHT plot of values against steps: title, axes, round ticks; the
-    value axis is logarithmic (and the title says so) when the values are positive and span a
-    factor of LOG_SCALE or more, as a loss that falls from thousands to tens does."""
+def draw_panel(title, lines):
+    """One PANEL_WIDTH x PANEL_HEIGHT plot of lines [(label, steps, values)] against the step:
+    title, axes, round ticks, each line in a colour of LINE_COLOURS with its label at its last
+    point; the value axis is logarithmic (and the title says so) when the values are positive and
+    span a factor of LOG_SCALE or more, as a loss that falls from thousands to tens does."""
+    steps = [step for _, line_steps, _ in lines for step in line_steps]
+    values = [value for _, _, line_values in lines for value in line_values]
     image = Image.new("RGB", (PANEL_WIDTH, PANEL_HEIGHT), "white")
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
@@ -339,12 +349,15 @@ def draw_panel(title, steps, values):
         draw.line((x(step), bottom, x(step), bottom + 3), fill="black")
         label_left = x(step) - draw.textlength(label, font=font) / 2
         draw.text((label_left, bottom + 5), label, fill="black", font=font)
-    points = [(x(s), y(v)) for s, v in zip(steps, values)]
-    if len(points) > 1:
-        draw.line(points, fill=(31, 90, 180), width=2)
-    if len(points) <= 30:
-        for px, py in points:
-            draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=(31, 90, 180))
+    for i, (label, line_steps, line_values) in enumerate(lines):
+        colour = LINE_COLOURS[i % len(LINE_COLOURS)]
+        points = [(x(s), y(v)) for s, v in zip(line_steps, line_values)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        if len(points) <= 30:
+            for px, py in points:
+                draw.ellipse((px - 2, py - 2, px + 2, py + 2), fill=colour)
+        draw.text((points[-1][0] + 3, points[-1][1] - 6), label, fill=colour, font=font)
     return image
 
 
@@ -353,9 +366,9 @@ def draw_history(series):
     columns = min(len(series), PANEL_COLUMNS)
     rows = -(-len(series) // columns)
     image = Image.new("RGB", (columns * PANEL_WIDTH, rows * PANEL_HEIGHT), "white")
-    for i, (title, steps, values) in enumerate(series):
+    for i, (title, lines) in enumerate(series):
         corner = ((i % columns) * PANEL_WIDTH, (i // columns) * PANEL_HEIGHT)
-        image.paste(draw_panel(title, steps, values), corner)
+        image.paste(draw_panel(title, lines), corner)
     return image
 
 
@@ -392,15 +405,6 @@ def mean_kl(mu, logvar):
     return kl.mean(0).numpy()
 
 
-def traversal_codes(code, order, values):
-    """(len(order) * len(values), D): `code` repeated; in block r, latent order[r] takes each
-    value."""
-    codes = code.repeat(len(order) * len(values), 1)
-    for row, j in enumerate(order):
-        codes[row * len(values):(row + 1) * len(values), j] = values
-    return codes
-
-
 @torch.inference_mode()
 def draw_grids(model, source, order, labels, gif_names, image, value_range, steps, seed, out):
     """Write traversal.png, traversal.gif, reconstructions.png and samples.png into folder `out`.
@@ -408,12 +412,11 @@ def draw_grids(model, source, order, labels, gif_names, image, value_range, step
     row of `source` whose code (posterior mean) is swept over `steps` values in [-value_range,
     value_range]; seed: of the reconstructed images and the prior samples. Returns {name: path}."""
     size = source.images.shape[1]
-    code = model.encode(source.batch(np.array([image])))[0][0].float()
-    values = torch.linspace(-value_range, value_range, steps, device=code.device)
-    pixels = to_pixels(model.decode(traversal_codes(code, order, values)))
+    values = torch.linspace(-value_range, value_range, steps)
+    pixels = runtime.traversal(model, source, image, order, values)
     paths = {name: os.path.join(out, name) for name in
              ("traversal.png", "traversal.gif", "reconstructions.png", "samples.png")}
-    with_labels(tile(pixels, steps), labels, size).save(paths["traversal.png"])
+    with_labels(runtime.tile(pixels, steps), labels, size).save(paths["traversal.png"])
     sweeps = pixels.reshape(len(order), steps, *pixels.shape[1:])
     frames = gif_frames(sweeps, gif_names, values.tolist())
     frames[0].save(paths["traversal.gif"], save_all=True, append_images=frames[1:],
@@ -421,13 +424,14 @@ def draw_grids(model, source, order, labels, gif_names, image, value_range, step
 
     rng = np.random.default_rng(seed)
     originals = source.batch(rng.choice(len(source), min(8, len(source)), replace=False))
-    reconstructed = to_pixels(model.decode(model.encode(originals)[0]))
+    reconstructed = runtime.to_pixels(model.decode(model.encode(originals)[0]))
     originals = (originals * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    pairs = tile(np.concatenate([originals, reconstructed]), len(originals))
+    pairs = runtime.tile(np.concatenate([originals, reconstructed]), len(originals))
     pairs.save(paths["reconstructions.png"])
 
     prior = torch.randn(64, model.latents, generator=torch.Generator().manual_seed(seed))
-    tile(to_pixels(model.decode(prior.to(source.device))), 8).save(paths["samples.png"])
+    samples = runtime.to_pixels(model.decode(prior.to(source.device)))
+    runtime.tile(samples, 8).save(paths["samples.png"])
     return paths
 
 
@@ -507,10 +511,21 @@ def check_writable(path, option):
                                 "writable")
 
 
+def dlib_json(result, out, checkpoint):
+    """Write metrics.dlib_names(result), its finite values, to NAME.dlib.json in `out` (NAME: the
+    checkpoint's file name less .pt, as examples/reproduce.py names it); returns its path."""
+    flat = {name: value for name, value in metrics.dlib_names(result).items()
+            if not (isinstance(value, float) and not math.isfinite(value))}
+    text = json.dumps(flat, indent=1, allow_nan=False) + "\n"
+    path = os.path.join(out, os.path.basename(checkpoint).removesuffix(".pt") + ".dlib.json")
+    data.write_atomically(path, lambda f: f.write(text.encode()))
+    return path
+
+
 def measure(mu, logvar, dataset, seed, out, checkpoint, step):
     """Every metric on the whole dataset's codes (runtime.evaluate_codes): prints the table, writes
-    metrics.json and (for labelled data) mi.png into `out`; says on stderr which factors were left
-    out. Returns (result, paths written)."""
+    metrics.json, NAME.dlib.json (dlib_json) and (for labelled data) mi.png into `out`; says on
+    stderr which factors were left out. Returns (result, paths written)."""
     index = np.arange(len(dataset))
     try:
         result, note = runtime.evaluate_codes(mu, logvar, dataset, index, seed)
@@ -520,13 +535,13 @@ def measure(mu, logvar, dataset, seed, out, checkpoint, step):
     report = {"checkpoint": checkpoint, "step": step, "dataset": dataset.name,
               "images": len(dataset), "seed": seed, "factor_names": names, "note": note,
               "metrics": json_ready(result)}
-    paths = [os.path.join(out, "metrics.json")]
+    paths = [os.path.join(out, "metrics.json"), dlib_json(result, out, checkpoint)]
     with open(paths[0], "w") as f:
         json.dump(report, f, indent=1, allow_nan=False)
     mi = normalized_mi(result)
     if mi is not None:
         paths.append(os.path.join(out, "mi.png"))
-        heatmap(mi, [f"z{j}" for j in range(len(mi))], names).save(paths[1])
+        heatmap(mi, [f"z{j}" for j in range(len(mi))], names).save(paths[-1])
     unlabelled = " (no ground-truth factors: label-free metrics only)"
     print(f"metrics of {checkpoint} (step {step:,}) on all {len(dataset):,} images of "
           f"{dataset.name}" + ("" if dataset.factors is not None else unlabelled))
@@ -569,7 +584,7 @@ def typical_and_atypical(source, neg_elbo, columns=SCORE_COLUMNS):
     count = min(columns, len(order))
     rows = np.concatenate([order[:count], order[::-1][:count]])
     pixels = (source.batch(rows) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    return tile(pixels, count)
+    return runtime.tile(pixels, count)
 
 
 def score(args):
@@ -706,9 +721,10 @@ def make_pictures(args):
     paths = draw_grids(model, source, order, labels, gif_names, args.image, args.range, args.steps,
                        args.seed, out)
     written += paths.values()
-    history = state.get("history") or []
-    series = history_series(history, state.get("evaluations") or [])
-    if len(history) >= 2 and series:
+    csv_path = runtime.history_path(args.checkpoint)
+    has_csv = os.path.exists(csv_path)
+    series = history_series(runtime.read_history(csv_path) if has_csv else checkpoint_rows(state))
+    if series:
         written.append(os.path.join(out, "history.png"))
         draw_history(series).save(written[-1])
     print("wrote " + ", ".join(written))
