@@ -647,10 +647,11 @@ def sample_of(config, path, datasets):
     """(ImageSource on the CPU, rows, fingerprint) of the run's data as every run of it sees it:
     its --data and data_limit, read with seed 0 (a limit's subset and a variant's colours the
     same for every run, not the run's own). Read once per table (`datasets` caches it, and the
-    DataError of data that cannot be read)."""
+    DataError of data that cannot be read); only the last data read is kept in memory."""
     source = runtime.data_source(config["data"], beside=path)
     key = (source, config["data_limit"])
     if key not in datasets:
+        datasets.clear()
         try:
             dataset = data.load(source, limit=config["data_limit"], seed=0)
             rows, fingerprint = sample_rows(dataset)
@@ -700,7 +701,10 @@ def attach_codes(folder, runs):
     datasets = {}
     problems = []
     encoded = 0
-    for run in runs:
+    def data_of(run):
+        return run["config"]["data"], str(run["config"]["data_limit"])
+
+    for run in sorted(runs, key=data_of):  # a dataset's runs one after another: read once
         path = os.path.join(folder, run["file"])
         run["codes"] = stored_codes(beside(path, ".codes.npz"), run["weights"])
         if run["codes"] is None:
