@@ -6,7 +6,7 @@
     data         check_dataset, data_source, load_checkpoint_data, data_fingerprint, to_float,
                  ImageSource
     encoding     encoding_precision, Progress, encode_dataset, score_dataset, evaluation_index,
-                 evaluate_codes
+                 evaluate_codes (LABEL_FREE, parse_factor_names, factor_columns: --factors)
     pictures     to_pixels, tile, traversal (traverse.py's traversal.png, train.py's TensorBoard)
     checkpoints  CHECKPOINT_FORMAT, plain, save_checkpoint, load_checkpoint (with its config
                  check), build_model, model_from_checkpoint
@@ -385,24 +385,87 @@ def evaluation_index(dataset, samples, seed):
     return np.sort(np.random.default_rng(seed + 1).choice(len(dataset), samples, replace=False))
 
 
-def evaluate_codes(mu, logvar, dataset, index, seed, only_mig=False):
-    """metrics.evaluate (or just the discrete MIG) on the encoded rows; factors that take a single
-    value in these rows are left out. Returns (result, note): note is '' or one line saying what was
-    left out or why nothing could be measured; a metric that fails holds {"error": reason}."""
-    factors = None if dataset.factors is None else dataset.factors[index]
+# metrics.evaluate's entries that need no factors (the label-free scores): every other entry of an
+# evaluate_codes result names the factors it scored
+LABEL_FREE = ("gaussian_total_correlation", "mutual_info_score")
+
+
+def parse_factor_names(text):
+    """argparse type of --factors: "scale, posX" -> ["scale", "posX"] (blanks around a name
+    dropped). argparse.ArgumentTypeError (one line, exit 2) for an empty name or one given twice."""
+    names = [name.strip() for name in text.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty name; give factor names "
+                                         "separated by commas, such as scale,posX")
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"{', '.join(twice)} named more than once")
+    return names
+
+
+def factor_columns(dataset, names):
+    """The columns of dataset.factors (N, K) that the factor `names` (a list of str, in the order
+    given; None: every factor) pick: a list of int, [] for unlabelled data when `names` is None.
+    Raises ArgumentError (one line naming --factors, exit 2) when the data is unlabelled or lacks
+    a name; the line lists the names it has."""
+    if names is None:
+        return [] if dataset.factors is None else list(range(dataset.factors.shape[1]))
+    if dataset.factors is None:
+        raise ArgumentError(f"--factors {','.join(names)}: {dataset.name} has no factor labels "
+                            "(unlabelled); leave --factors out")
+    unknown = [name for name in names if name not in dataset.factor_names]
+    if unknown:
+        raise ArgumentError(f"--factors: {dataset.name} has no factor {', '.join(unknown)}; its "
+                            f"factors are {','.join(dataset.factor_names)}")
+    return [dataset.factor_names.index(name) for name in names]
+
+
+def evaluate_codes(mu, logvar, dataset, index, seed, only_mig=False, protocol="exact",
+                   factor_names=None):
+    """metrics.evaluate(protocol=`protocol`) (or just its discrete MIG) of the encoded rows
+    `index` of `dataset`, scoring the factors `factor_names` (factor_columns; None: all) less any
+    that takes a single value in these rows. Each entry says its "protocol" and, but for the
+    LABEL_FREE ones, the "factors" it scored (names, in column order). Returns (result, note):
+    note is '' or one line saying what was left out or why nothing could be measured; a metric
+    that fails holds {"error": reason}. Raises ArgumentError as factor_columns, ValueError as
+    metrics.evaluate."""
+    columns = factor_columns(dataset, factor_names)
+    names = [dataset.factor_names[c] for c in columns]
+    factors = dataset.factors[index][:, columns] if columns else None
     note = ""
     if factors is not None:
         varies = factors.min(0) != factors.max(0)
         if not varies.all():
-            constant = [name for name, v in zip(dataset.factor_names, varies) if not v]
+            constant = [name for name, v in zip(names, varies) if not v]
             note = (f"factor(s) {', '.join(constant)} take one value in the {len(factors):,} "
                     "evaluated images: left out")
+            names = [name for name, v in zip(names, varies) if v]
             factors = factors[:, varies] if varies.any() else None
     if only_mig:
         if factors is None:
             return {}, note or "no labelled factors"
-        return {"mig_discrete": metrics.discrete_mig(mu, factors)}, note
-    return metrics.evaluate(mu, logvar, factors, seed=seed), note
+        result = {"mig_discrete": _protocol_mig(mu, factors, seed, protocol)}
+    else:
+        result = metrics.evaluate(mu, logvar, factors, seed=seed, protocol=protocol)
+    for name, entry in result.items():
+        if name not in LABEL_FREE:
+            entry["factors"] = names
+    return result, note
+
+
+def _protocol_mig(mu, factors, seed, protocol):
+    """The mig_discrete entry of metrics.evaluate(mu, None, factors, seed, protocol) alone: on
+    every row (exact), or on metrics.DLIB_POINTS rows drawn with replacement by
+    default_rng(seed) (dlib), 20 bins either way."""
+    if protocol not in metrics.PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(metrics.PROTOCOLS)}, got "
+                         f"{protocol!r}")
+    if protocol == "dlib":
+        points = np.random.default_rng(seed).integers(len(mu), size=metrics.DLIB_POINTS)
+        mu = np.asarray(mu)[points]
+        factors = factors[points]
+    mu = np.asarray(mu, dtype=np.float64)  # as evaluate measures it
+    return dict(metrics.discrete_mig(mu, factors, bins=20), protocol=protocol)
 
 
 # ============================================================================= checkpoints
@@ -450,6 +513,8 @@ CONFIG_DEFAULTS = {
     "factor_names": [],
     "factor_sizes": [],
     "data_fingerprint": "",  # "": written before fingerprints; --resume then skips that check
+    "eval_protocol": "exact",  # written before protocols: every evaluation was exact
+    "eval_factors": None,  # None: every factor scored
 }
 
 
@@ -499,6 +564,9 @@ _CONFIG_CHECKS = (
     ("data_fingerprint", lambda v: isinstance(v, str), "a string"),
     ("factor_names", _names, "a list of names"),
     ("factor_sizes", _wholes, "a list of whole numbers"),
+    ("eval_protocol", lambda v: v in metrics.PROTOCOLS, "one of " + ", ".join(metrics.PROTOCOLS)),
+    ("eval_factors", lambda v: v is None or _names(v) and len(v) > 0,
+     "none or a list of factor names"),
 )
 
 

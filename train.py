@@ -46,6 +46,7 @@ import torch.distributed as dist
 
 import data
 import losses
+import metrics
 import models
 import runtime
 from runtime import UserError
@@ -74,6 +75,8 @@ SETTINGS = {
     "steps": 5000,
     "seed": 0,
     "precision": "auto",
+    "eval_protocol": "exact",  # of --eval-every and the final evaluation (metrics.PROTOCOLS)
+    "eval_factors": None,  # --factors: the factor names they score (None: every factor)
 }
 # Settings a resumed run cannot change: they define the model, or which images it sees.
 FIXED_ON_RESUME = ("model", "arch", "latents", "data_limit", "seed", "k")
@@ -236,6 +239,15 @@ def _output_options(g):
                    help="images used by the final evaluation (every metric of metrics.evaluate): "
                         "0 for the whole dataset, or a fixed random subset of N (resuming a "
                         "finished run only redoes this evaluation)")
+    g.add_argument("--eval-protocol", choices=metrics.PROTOCOLS,
+                   help="how --eval-every and the final evaluation measure: exact (every metric "
+                        "on every row) or dlib (disentanglement_lib's settings, Locatello et al. "
+                        "2019: MIG on 10,000 drawn rows, DCI from gradient-boosted trees, ...)")
+    g.add_argument("--factors", dest="eval_factors", metavar="NAME,...",
+                   type=runtime.parse_factor_names,
+                   help="score only these factors in --eval-every and the final evaluation (as "
+                        "the data names them; e.g. scale,orientation,posX,posY leaves sprites' "
+                        "shape out, as Chen et al. 2018 scored dSprites; default: every factor)")
     g.add_argument("--tensorboard", metavar="DIR",
                    help="also log the terms and metrics as TensorBoard scalars and the traversal "
                         "of image 0 as an image at each evaluation, into DIR (needs the "
@@ -378,6 +390,7 @@ def run_config(args, dataset, resumed=None, device=torch.device("cpu")):
         raise UserError(f"{config['data']}: {len(dataset)} images is fewer than --batch-size "
                         f"{config['batch_size']}; pass --batch-size {len(dataset)} or less")
     _settle_pairs(config, dataset)
+    runtime.factor_columns(dataset, config["eval_factors"])  # before training: names it has?
     config.update({name: getattr(args, name) for name in PER_INVOCATION})
     return config
 
@@ -883,7 +896,9 @@ def _periodic_mig(run):
     index = runtime.evaluation_index(run.dataset, run.config["eval_subset"], seed)
     mu, logvar = runtime.encode_dataset(run.model, run.source, index)
     try:
-        result, note = runtime.evaluate_codes(mu, logvar, run.dataset, index, seed, only_mig=True)
+        result, note = runtime.evaluate_codes(mu, logvar, run.dataset, index, seed, only_mig=True,
+                                              protocol=run.config["eval_protocol"],
+                                              factor_names=run.config["eval_factors"])
     except ValueError as error:
         result = {}
         note = str(error)
@@ -1021,7 +1036,9 @@ def _final_evaluation(run, final):
     mu, logvar = runtime.encode_dataset(run.model, run.source, index,
                                         what=f"encoding {rows:,} images")
     print(f"encoded in {time.perf_counter() - start:.0f} s; computing the metrics", file=sys.stderr)
-    result, note = runtime.evaluate_codes(mu, logvar, run.dataset, index, seed)
+    result, note = runtime.evaluate_codes(mu, logvar, run.dataset, index, seed,
+                                          protocol=run.config["eval_protocol"],
+                                          factor_names=run.config["eval_factors"])
     final.update(samples=rows, metrics=runtime.plain(result),
                  evaluation_seconds=time.perf_counter() - start)
     if note:
@@ -1032,9 +1049,21 @@ def _final_evaluation(run, final):
     labels = (("mig_discrete", "discrete"), ("mig_gaussian", "gaussian"))
     migs = [f"{label} {result[name]['mig']:.3f}" for name, label in labels
             if "mig" in result.get(name, {})]
+    how = _evaluation_choices(run.config)
     if not migs:
-        return f", evaluated {rows:,} images"
-    return f", MIG on {rows:,} images: {', '.join(migs)}"
+        return f", evaluated {rows:,} images{how}"
+    return f", MIG on {rows:,} images{how}: {', '.join(migs)}"
+
+
+def _evaluation_choices(config):
+    """' (dlib protocol; factors scale,posX)': what --eval-protocol and --factors chose, if not
+    the defaults (exact, every factor); '' otherwise."""
+    said = []
+    if config["eval_protocol"] != "exact":
+        said.append(f"{config['eval_protocol']} protocol")
+    if config["eval_factors"] is not None:
+        said.append("factors " + ",".join(config["eval_factors"]))
+    return f" ({'; '.join(said)})" if said else ""
 
 
 class _Interrupted(Exception):

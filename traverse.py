@@ -120,6 +120,15 @@ def parse_args(argv=None):
                         "table, write metrics.json and mi.png")
     p.add_argument("--mig", dest="metrics", action="store_true",
                    help="the same as --metrics (its former name; the MIGs are among the metrics)")
+    p.add_argument("--protocol", choices=metrics.PROTOCOLS,
+                   help="with --metrics: exact (every metric on every row; the default) or dlib "
+                        "(disentanglement_lib's settings, Locatello et al. 2019: MIG on 10,000 "
+                        "drawn rows, DCI from gradient-boosted trees, ...)")
+    p.add_argument("--factors", metavar="NAME,...", type=runtime.parse_factor_names,
+                   help="score only these factors (as the data names them; e.g. "
+                        "scale,orientation,posX,posY leaves sprites' shape out, as Chen et al. "
+                        "2018 scored dSprites), in the metrics and the latents' labels "
+                        "(default: every factor)")
     p.add_argument("--codes", metavar="PATH",
                    help="write the whole dataset's posterior means, log-variances and factors to "
                         "this .npz file")
@@ -155,6 +164,9 @@ def parse_args(argv=None):
         (args.image < 0, "--image must be >= 0"),
         (args.score is not None and bool(args.metrics or args.codes or args.data),
          "--score PATH scores the data PATH alone: leave out --metrics, --codes and --data"),
+        (args.protocol is not None and not args.metrics, "--protocol is for --metrics"),
+        (args.score is not None and args.factors is not None,
+         "--factors chooses the factors --metrics scores and the labels name: not for --score"),
     ]
     for failed, message in checks:
         if failed:
@@ -437,11 +449,10 @@ def draw_grids(model, source, order, labels, gif_names, image, value_range, step
 
 # ----------------------------------------------------------------------------- metrics and codes
 
-def varying_factor_names(dataset, index):
-    """Names of the dataset's factors that take two values or more in the rows `index`."""
-    factors = dataset.factors[index]
-    varies = factors.min(0) != factors.max(0)
-    return [name for name, varying in zip(dataset.factor_names, varies) if varying]
+def scored_factor_names(result):
+    """The names of the factors an evaluate_codes result scored (the columns of its MI matrices),
+    [] when it scored none."""
+    return next((entry["factors"] for entry in result.values() if "factors" in entry), [])
 
 
 def normalized_mi(result):
@@ -522,19 +533,22 @@ def dlib_json(result, out, checkpoint):
     return path
 
 
-def measure(mu, logvar, dataset, seed, out, checkpoint, step):
-    """Every metric on the whole dataset's codes (runtime.evaluate_codes): prints the table, writes
-    metrics.json, NAME.dlib.json (dlib_json) and (for labelled data) mi.png into `out`; says on
-    stderr which factors were left out. Returns (result, paths written)."""
+def measure(mu, logvar, dataset, seed, out, checkpoint, step, protocol="exact",
+            factor_names=None):
+    """Every metric on the whole dataset's codes (runtime.evaluate_codes under `protocol`, scoring
+    the factors `factor_names`, None: all): prints the table, writes metrics.json, NAME.dlib.json
+    (dlib_json) and (for labelled data) mi.png into `out`; says on stderr which factors were left
+    out. Returns (result, paths written)."""
     index = np.arange(len(dataset))
     try:
-        result, note = runtime.evaluate_codes(mu, logvar, dataset, index, seed)
+        result, note = runtime.evaluate_codes(mu, logvar, dataset, index, seed, protocol=protocol,
+                                              factor_names=factor_names)
     except ValueError as error:  # the codes themselves cannot be measured (e.g. not finite)
         raise runtime.UserError(f"{checkpoint}: cannot measure its codes: {error}") from error
-    names = varying_factor_names(dataset, index) if dataset.factors is not None else []
+    names = scored_factor_names(result)
     report = {"checkpoint": checkpoint, "step": step, "dataset": dataset.name,
-              "images": len(dataset), "seed": seed, "factor_names": names, "note": note,
-              "metrics": json_ready(result)}
+              "images": len(dataset), "seed": seed, "protocol": protocol, "factor_names": names,
+              "note": note, "metrics": json_ready(result)}
     paths = [os.path.join(out, "metrics.json"), dlib_json(result, out, checkpoint)]
     with open(paths[0], "w") as f:
         json.dump(report, f, indent=1, allow_nan=False)
@@ -543,8 +557,9 @@ def measure(mu, logvar, dataset, seed, out, checkpoint, step):
         paths.append(os.path.join(out, "mi.png"))
         heatmap(mi, [f"z{j}" for j in range(len(mi))], names).save(paths[-1])
     unlabelled = " (no ground-truth factors: label-free metrics only)"
+    scored = f", factors {','.join(names)}" if names else unlabelled * (dataset.factors is None)
     print(f"metrics of {checkpoint} (step {step:,}) on all {len(dataset):,} images of "
-          f"{dataset.name}" + ("" if dataset.factors is not None else unlabelled))
+          f"{dataset.name}, {protocol} protocol{scored}")
     print("\n".join(metric_table(result)))
     if note:
         print(note, file=sys.stderr)
@@ -646,7 +661,6 @@ def output_folder(args):
     return out
 
 
-
 def load_run(args):
     """The checkpoint, its model on the device (eval mode), its dataset and an ImageSource."""
     state = runtime.load_checkpoint(args.checkpoint)
@@ -679,19 +693,21 @@ def encode(args, state, model, dataset, source, out):
         write_codes(args.codes, mu, logvar, dataset)
         written.append(args.codes)
     if args.metrics:
-        result, paths = measure(mu, logvar, dataset, args.seed, out, args.checkpoint, state["step"])
+        result, paths = measure(mu, logvar, dataset, args.seed, out, args.checkpoint, state["step"],
+                                args.protocol or "exact", args.factors)
         written += paths
     return np.arange(len(dataset)), mu, logvar, result, written
 
 
-def label_latents(mu, logvar, dataset, index, result, seed):
+def label_latents(mu, logvar, dataset, index, result, seed, factor_names=None):
     """The latents' order (largest mean KL first) and their names in traversal.png and .gif. The
     factors' normalised MI comes from `result` (--metrics) or, when it is empty, from the discrete
-    MIG of these codes on the factors that vary in these rows (what is left out is said on
-    stderr)."""
+    MIG of these codes on the factors `factor_names` (None: all) that vary in these rows (what is
+    left out is said on stderr)."""
     if dataset.factors is not None and not result:  # not measured yet (no --metrics)
         try:
-            result, note = runtime.evaluate_codes(mu, logvar, dataset, index, seed, only_mig=True)
+            result, note = runtime.evaluate_codes(mu, logvar, dataset, index, seed, only_mig=True,
+                                                  factor_names=factor_names)
         except ValueError as error:
             result = {}
             note = f"no factor labels: {error}"
@@ -702,7 +718,7 @@ def label_latents(mu, logvar, dataset, index, result, seed):
     mi = normalized_mi(result)
     names = []
     if dataset.factors is not None:
-        names = varying_factor_names(dataset, index)
+        names = scored_factor_names(result)
         mi = mi if mi is not None else np.zeros((mu.shape[1], 0))
     best = [best_factor(mi[j], names) if mi is not None else None for j in order]
     gif_names = [f"z{j} {b[0]}" if b else f"z{j}" for j, b in zip(order, best)]
@@ -713,11 +729,13 @@ def make_pictures(args):
     """The whole command: load, encode, measure and export (if asked), draw; returns the exit
     code."""
     state, model, dataset, source = load_run(args)
+    runtime.factor_columns(dataset, args.factors)  # before the long encoding: names it has?
     out = output_folder(args)
     if args.codes:  # before the long encoding
         check_writable(args.codes, "--codes")
     index, mu, logvar, result, written = encode(args, state, model, dataset, source, out)
-    order, labels, gif_names = label_latents(mu, logvar, dataset, index, result, args.seed)
+    order, labels, gif_names = label_latents(mu, logvar, dataset, index, result, args.seed,
+                                             args.factors)
     paths = draw_grids(model, source, order, labels, gif_names, args.image, args.range, args.steps,
                        args.seed, out)
     written += paths.values()
