@@ -3150,6 +3150,12 @@ def test_torchrun_splits_pairs_whole_and_equals_one_process(tmp_path):
         assert step_ddp["shared"] == step_one["shared"]
         for term in ("loss", "recon", "kl"):
             assert step_ddp[term] == pytest.approx(step_one[term], rel=1e-5, abs=1e-5), term
+    csv_ddp = history_by_name(str(tmp_path / "ddp.pt"))
+    csv_one = history_by_name(str(tmp_path / "one.pt"))
+    for name in ("loss", "kl_0", "kl_9"):  # written once (first process); each process's KLs averaged
+        assert [s for s, _ in csv_ddp[name]] == list(range(1, 9)), name
+        values = [v for _, v in csv_one[name]]
+        assert [v for _, v in csv_ddp[name]] == pytest.approx(values, rel=1e-5, abs=1e-6), name
     for name, tensor in one["model"].items():
         assert torch.allclose(ddp["model"][name], tensor, rtol=1e-3, atol=1e-4), name
 
