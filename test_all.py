@@ -3108,6 +3108,15 @@ def test_tensorboard_without_the_package_is_one_line_and_exit_2(tmp_path, monkey
     assert os.listdir(tmp_path) == []  # nothing trained, nothing written
 
 
+def test_tensorboard_folder_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    pytest.importorskip("tensorboard")
+    (tmp_path / "a_file").write_text("")
+    code, out = run_train(tmp_path, "--tensorboard", str(tmp_path / "a_file" / "tb"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and err[-1].startswith("error: --tensorboard ") and "cannot write" in err[-1]
+    assert os.listdir(tmp_path) == ["a_file"]  # before training: no checkpoint, no history
+
+
 def torchrun(*argv, processes=2):
     """`torchrun --nproc_per_node 2 train.py ...` on the CPU (gloo), as a Popen."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",

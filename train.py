@@ -880,11 +880,16 @@ def _start_logs(run, resumed, tensorboard):
     tensorboard: --tensorboard's folder or None; its events past the checkpoint are purged."""
     if not runtime.first_process():
         return
-    runtime.rewrite_history(run.history_csv,
-                            lambda step, name: resumed is not None and step <= run.step)
     if tensorboard is not None:
         from torch.utils.tensorboard import SummaryWriter  # optional, not a dependency
-        run.tensorboard = SummaryWriter(tensorboard, purge_step=run.step + 1 if resumed else None)
+        try:
+            run.tensorboard = SummaryWriter(tensorboard,
+                                            purge_step=run.step + 1 if resumed else None)
+        except OSError as error:
+            raise UserError(f"--tensorboard {tensorboard}: cannot write there "
+                            f"({error.strerror or error})") from error
+    runtime.rewrite_history(run.history_csv,
+                            lambda step, name: resumed is not None and step <= run.step)
 
 
 def _periodic_mig(run):
