@@ -2895,6 +2895,56 @@ def test_a_checkpoint_without_a_fingerprint_still_resumes(tmp_path):
     assert load(out)["config"]["data_fingerprint"] == runtime.data_fingerprint(data.load(TINY))
 
 
+def test_eval_protocol_and_factors_are_saved_used_and_kept_on_resume(tmp_path, capsys):
+    code, out = run_train(tmp_path, "--eval-protocol", "dlib", "--factors", "scale,posX",
+                          "--eval-every", "6", "--eval-subset", "100")
+    assert code == 0
+    assert "MIG on 384 images (dlib protocol; factors scale,posX): discrete" in capsys.readouterr().out
+    state = load(out)
+    assert state["config"]["eval_protocol"] == "dlib"
+    assert state["config"]["eval_factors"] == ["scale", "posX"]
+    dataset = data.load(TINY)
+    model = runtime.model_from_checkpoint(state).eval()
+    mu, logvar = runtime.encode_dataset(model, runtime.ImageSource(dataset.images, torch.device("cpu")))
+    chosen = dataset.factors[:, [1, 3]]  # TINY's scale and posX, picked by hand
+    expected = metrics.evaluate(mu, logvar, chosen, seed=0, protocol="dlib")
+    assert_same_numbers(without_scored_factors(state["final"]["metrics"], ["scale", "posX"]), expected)
+    # the periodic MIG at step 6 (the final weights): disentanglement_lib's MIG, 10,000 points
+    # drawn with replacement from the 100 evaluated rows (drawn as evaluation_index documents)
+    rows = np.sort(np.random.default_rng(0 + 1).choice(384, 100, replace=False))
+    points = np.random.default_rng(0).integers(100, size=10_000)
+    periodic = metrics.discrete_mig(mu[rows][points].astype(np.float64), chosen[rows][points], bins=20)
+    assert abs(state["evaluations"][-1]["discrete_mig"] - periodic["mig"]) < 1e-9
+    assert train.main(["--resume", "--out", out, "--steps", "7"]) == 0  # options left out: kept
+    state = load(out)
+    assert state["config"]["eval_protocol"] == "dlib"
+    assert state["final"]["metrics"]["dci"]["protocol"] == "dlib"
+    assert state["final"]["metrics"]["dci"]["factors"] == ["scale", "posX"]
+    for key in ("eval_protocol", "eval_factors"):  # as written before these settings existed
+        without_config_entry(out, key)
+    assert runtime.load_checkpoint(out)["config"]["eval_protocol"] == "exact"
+    assert train.main(["--resume", "--out", out, "--steps", "8"]) == 0
+    final = load(out)["final"]["metrics"]
+    assert final["mig_gaussian"]["protocol"] == "exact"
+    assert final["mig_gaussian"]["factors"] == dataset.factor_names
+
+
+def test_train_factors_unknown_or_unlabelled_exit_2_before_training(tmp_path, capsys):
+    code, out = run_train(tmp_path, "--factors", "scale,colour")
+    assert code == 2 and not os.path.exists(out)
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --factors: sprites has no factor colour; its factors are shape,scale,orientation,posX,posY"]
+    np.save(tmp_path / "unlabelled.npy", data.load(TINY).images[:32, ..., 0])
+    assert train.main(["--data", str(tmp_path / "unlabelled.npy"), "--batch-size", "16", "--steps", "2",
+                       "--factors", "scale", "--out", out]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--factors scale" in err[0] and "no factor labels (unlabelled)" in err[0]
+    assert not os.path.exists(out)
+    assert_one_line_usage_error(train.main, ["--eval-protocol", "paper"], "train.py", "invalid choice",
+                                capsys)
+    assert_one_line_usage_error(train.main, ["--factors", "scale,"], "train.py", "empty name", capsys)
+
+
 def test_data_path_is_kept_absolute_and_a_missing_one_says_where_it_came_from(tmp_path, monkeypatch,
                                                                             capsys):
     images = np.random.default_rng(1).integers(0, 256, (16, 64, 64, 1), dtype=np.uint8)
@@ -3238,12 +3288,22 @@ def assert_same_numbers(saved, expected, where="metrics"):
         assert np.allclose(saved, np.asarray(expected, np.float64), rtol=0, atol=1e-9, equal_nan=True), where
 
 
+def without_scored_factors(result, names):
+    """`result` (an evaluate_codes result, or its JSON) less each entry's "factors", after checking
+    that every entry but the two label-free ones names exactly `names` there."""
+    label_free = {"gaussian_total_correlation", "mutual_info_score"}
+    for name, entry in result.items():
+        assert entry.get("factors") == (None if name in label_free else list(names)), name
+    return {name: {k: v for k, v in entry.items() if k != "factors"} for name, entry in result.items()}
+
+
 def test_traverse_metrics_json_is_metrics_evaluate_on_the_whole_dataset(traversed):
     t = traversed
     report = json.loads((t["folder"] / "grids" / "metrics.json").read_text())
     expected = metrics.evaluate(t["mu"], t["logvar"], t["dataset"].factors, seed=0)
     assert report["images"] == 384 and report["factor_names"] == t["dataset"].factor_names
-    assert_same_numbers(report["metrics"], expected)
+    assert report["protocol"] == "exact"
+    assert_same_numbers(without_scored_factors(report["metrics"], t["dataset"].factor_names), expected)
     table = t["printed"].splitlines()
     assert table[0].startswith("metrics of ") and "384 images" in table[0]
     assert sorted(line.split()[0] for line in table[1:len(expected) + 1]) == sorted(expected)
@@ -3374,6 +3434,48 @@ def test_traverse_metrics_without_factors_are_label_free(traversed, tmp_path, ca
     assert_same_numbers(report["metrics"], metrics.evaluate(mu, logvar))
     assert set(report["metrics"]) == {"gaussian_total_correlation", "mutual_info_score"}
     assert not (tmp_path / "g" / "mi.png").exists() and "label-free" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("protocol", ["exact", "dlib"])
+def test_traverse_factors_scores_those_columns_under_the_protocol(traversed, tmp_path, capsys, protocol):
+    t = traversed
+    argv = [t["checkpoint"], "--metrics", "--factors", "posX, shape", "--protocol", protocol,
+            "--steps", "2", "--out", str(tmp_path / "g")]
+    assert traverse.main(argv) == 0
+    report = json.loads((tmp_path / "g" / "metrics.json").read_text())
+    # TINY's columns: shape, scale, orientation, posX, posY; picked here by hand, in the order named
+    chosen = t["dataset"].factors[:, [3, 0]]
+    expected = metrics.evaluate(t["mu"], t["logvar"], chosen, seed=0, protocol=protocol)
+    assert report["protocol"] == protocol and report["factor_names"] == ["posX", "shape"]
+    assert_same_numbers(without_scored_factors(report["metrics"], ["posX", "shape"]), expected)
+    assert {entry["protocol"] for entry in report["metrics"].values()} == {protocol}
+    assert ("mig_gaussian" in report["metrics"]) == (protocol == "exact")
+    printed = capsys.readouterr().out
+    assert f"{protocol} protocol, factors posX,shape" in printed.splitlines()[0]
+    with Image.open(tmp_path / "g" / "mi.png") as image:  # a column per factor scored
+        assert image.width == 48 + 2 * 56 + 4
+
+
+def test_traverse_factors_unknown_or_unlabelled_and_protocol_without_metrics_exit_2(traversed, tmp_path,
+                                                                                   capsys):
+    argv = [traversed["checkpoint"], "--metrics", "--factors", "scale,colour", "--out", str(tmp_path)]
+    assert traverse.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: --factors: sprites has no factor colour; its factors are "
+                   "shape,scale,orientation,posX,posY"]
+    assert not os.listdir(tmp_path)  # refused before any encoding or drawing
+    np.save(tmp_path / "unlabelled.npy", traversed["dataset"].images[:8, ..., 0])
+    argv = [traversed["checkpoint"], "--data", str(tmp_path / "unlabelled.npy"), "--factors", "scale",
+            "--out", str(tmp_path / "g")]
+    assert traverse.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no factor labels (unlabelled)" in err[0] and "--factors" in err[0]
+    assert_one_line_usage_error(traverse.main, ["c.pt", "--protocol", "dlib"], "traverse.py",
+                                "--protocol is for --metrics", capsys)
+    assert_one_line_usage_error(traverse.main, ["c.pt", "--factors", "scale,,posX"], "traverse.py",
+                                "empty name", capsys)
+    assert_one_line_usage_error(traverse.main, ["c.pt", "--factors", "posX,posX"], "traverse.py",
+                                "posX named more than once", capsys)
 
 
 @pytest.mark.parametrize("argv,message", [
