@@ -652,13 +652,19 @@ def history_path(checkpoint):
 def append_history(path, step, values):
     """Append one row `step,name,value` per entry of `values` ({name: float}) to the CSV at `path`
     (created with its header if absent), in one write, and close the file: a run killed later
-    keeps every row written before. Values are written as repr(float) (read back exactly; nan and
-    inf as such). UserError naming the file if it cannot be written."""
+    keeps every row written before (a row cut short by a kill mid-write is ended first, so it
+    stays one line that read_history skips). Values are written as repr(float) (read back
+    exactly; nan and inf as such). UserError naming the file if it cannot be written."""
     text = "".join(f"{step},{name},{float(value)!r}\n" for name, value in values.items())
     try:
-        new = not os.path.exists(path)
-        with open(path, "a") as f:
-            f.write((HISTORY_HEADER if new else "") + text)
+        with open(path, "a+b") as f:  # writes go to the end, wherever it was read
+            size = f.seek(0, os.SEEK_END)
+            if size == 0:
+                head = HISTORY_HEADER
+            else:
+                f.seek(size - 1)
+                head = "" if f.read(1) == b"\n" else "\n"
+            f.write((head + text).encode())
     except OSError as error:
         raise UserError(f"cannot write the run's history {path}: {error.strerror or error}") \
             from error
@@ -666,15 +672,22 @@ def append_history(path, step, values):
 
 def read_history(path):
     """The rows of a history CSV as a list of (step int, name str, value float), in file order;
-    lines that do not parse (the header, a line cut short) are skipped."""
+    lines that are not three fields that parse (the header, a row cut short) are skipped.
+    UserError naming the file if it cannot be read."""
     rows = []
-    with open(path) as f:
-        for line in f:
-            fields = line.rstrip("\n").split(",")
-            try:
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError as error:
+        raise UserError(f"cannot read the run's history {path}: {error.strerror or error}") \
+            from error
+    for line in lines:
+        fields = line.split(",")
+        try:
+            if len(fields) == 3:
                 rows.append((int(fields[0]), fields[1], float(fields[2])))
-            except (ValueError, IndexError):
-                continue
+        except ValueError:
+            continue
     return rows
 
 

@@ -3085,6 +3085,27 @@ def test_sigkill_leaves_a_loadable_checkpoint(tmp_path):
     assert loss_steps == list(range(1, step + 2))  # what it logged past its last save: once
 
 
+def test_history_csv_rows_round_trip_and_a_row_cut_short_stays_apart(tmp_path):
+    path = str(tmp_path / "run.history.csv")
+    assert runtime.history_path(str(tmp_path / "run.pt")) == path
+    runtime.append_history(path, 1, {"loss": 0.1, "kl_0": float("nan")})
+    with open(path, "a") as f:
+        f.write("2,lo")  # a run killed in the middle of a row
+    runtime.append_history(path, 3, {"loss": 1e-300, "dci_disentanglement": 1 / 3})
+    lines = open(path).read().splitlines()
+    assert lines == ["step,name,value", "1,loss,0.1", "1,kl_0,nan", "2,lo", "3,loss,1e-300",
+                     "3,dci_disentanglement,0.3333333333333333"]
+    rows = runtime.read_history(path)
+    assert [row[:2] for row in rows] == [(1, "loss"), (1, "kl_0"), (3, "loss"), (3, "dci_disentanglement")]
+    assert rows[0][2] == 0.1 and math.isnan(rows[1][2]) and rows[2][2] == 1e-300 and rows[3][2] == 1 / 3
+    runtime.rewrite_history(path, lambda step, name: step <= 1)
+    assert open(path).read().splitlines() == lines[:3]
+    assert runtime.flat_metrics({"dci": {"disentanglement": 0.5, "importance": [[1.0]], "protocol": "exact"},
+                                 "sap_score": {"score": 0.25}, "dcimig": {"dcimig": 0.75},
+                                 "irs": {"error": "no rows"}}) == \
+        {"dci_disentanglement": 0.5, "sap_score": 0.25, "dcimig": 0.75}
+
+
 def history_by_name(out):
     """{name: [(step, value), ...]} of the history CSV beside checkpoint `out`."""
     rows = runtime.read_history(runtime.history_path(out))
