@@ -17,7 +17,8 @@ Writes into --out (default: the checkpoint's folder):
                        from the history CSV beside the checkpoint (ckpt.pt: ckpt.history.csv), or
                        from the checkpoint's own history (no per-latent KLs) where there is none;
                        each name logged at two steps or more
-  metrics.json         with --metrics: every metric of metrics.evaluate on the whole dataset
+  metrics.json         with --metrics: every metric of metrics.evaluate on the whole dataset, under
+                       --protocol (exact or dlib), scoring the --factors named (default: all)
   NAME.dlib.json       with --metrics, named after the checkpoint (ckpt.pt: ckpt.dlib.json): the
                        same metrics as one flat JSON object under disentanglement_lib's result
                        names (metrics.dlib_names: discrete_mig, dci_disentanglement, ...), as
