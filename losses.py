@@ -141,61 +141,127 @@ def log_importance_weights(batch_size, dataset_size, estimator):
     return weights.log().float()
 
 
+# Rows of the B x B matrices that _BatchLogDensities handles at once on the CPU: a block of 2^18
+# elements (1 MB in float32) stays in the core's cache through the dozen passes made over it,
+# where the whole matrix (16 MB at B = 2048, D of them) would go to memory and back on each pass.
+BLOCK_ELEMENTS = 2**18
+
+
+def _row_blocks(batch_size, device):
+    """Slices of rows that cover range(batch_size): blocks of BLOCK_ELEMENTS // B rows on the CPU,
+    one block on a GPU (whose launches cost more than its memory traffic)."""
+    rows = batch_size if device.type != "cpu" else max(1, BLOCK_ELEMENTS // batch_size)
+    return [slice(start, min(start + rows, batch_size)) for start in range(0, batch_size, rows)]
+
+
 class _BatchLogDensities(torch.autograd.Function):
     """log q(z_i) and sum_d log q(z_i,d) from the B x B x D matrix L[i,j,d] = log q(z_i,d | x_j).
 
-    One D x B x B buffer holds exp(L - shift) for the dimension-wise marginals; the joint needs
-    only a B x B sum. Each shift is a per-dimension bound on L (the Gaussian's peak), so exp
-    cannot overflow and no row maximum is needed; a row that underflows is redone exactly.
-    (z_i - mu_j) / sigma_j is formed as (z_i - mu_j) * r_j * r_j with r = _inverse_root_std, so no
-    product is ever 0 * inf, in the forward or the backward. Backward reads the buffer and
-    recomputes z_i - mu_j one B x B dimension at a time.
+    L is never held whole: it is formed for one block of rows i (`_row_blocks`) and one
+    dimension d at a time, in the same few scratch matrices (a new one every time would cost its
+    page faults), forward and again in backward (cheaper than keeping B x B x D floats). Each
+    block adds L[:, :, d] to the block's joint log-density and sums exp(L[i, :, d] - shift[d])
+    over j for the dimension-wise marginals; shift[d] is the Gaussians' highest peak in
+    dimension d, a bound on L, so exp cannot overflow and no row maximum is needed. A block whose
+    row sums underflow is redone with each row's maximum subtracted. (z_i - mu_j) / sigma_j is
+    formed as (z_i - mu_j) * r_j * r_j with r = _inverse_root_std, so no product is ever 0 * inf,
+    in the forward or the backward.
     """
 
     @staticmethod
     def forward(ctx, z, mu, logvar, log_w):
-        root, peak = _inverse_root_std(logvar), -0.5 * (LOG_2PI + logvar)  # (B, D), indexed by j
-        shift = peak.max(0).values                                         # (D,): L[:, :, d] <= shift[d]
-        buffer = z.t()[:, :, None] - mu.t()[:, None, :]                    # (D, B_i, B_j): z_i - mu_j
-        buffer.mul_(root.t()[:, None, :]).mul_(root.t()[:, None, :])      # (z_i - mu_j) / sigma_j
-        buffer.square_().mul_(-0.5).add_((peak - shift).t()[:, None, :])   # L[i,j,d] - shift[d]
-        joint = buffer.sum(0).add_(log_w + shift.sum())                    # log w_ij + sum_d L[i,j,d]
-        log_qz = torch.logsumexp(joint, dim=1)
-        if log_w.dim():
-            buffer.add_(log_w)
-        row_sums = buffer.exp_().sum(2)                                     # (D, B)
-        log_offset = shift[:, None].repeat(1, z.shape[0])
-        for d in torch.nonzero((row_sums < 1e-30).any(1)).flatten().tolist():
-            exact = _log_density_slice(z, mu, logvar, d) - shift[d] + (log_w if log_w.dim() else 0)
-            row_max = exact.max(1, keepdim=True).values
-            buffer[d] = torch.exp(exact - row_max)
-            row_sums[d] = buffer[d].sum(1)
-            log_offset[d] += row_max[:, 0]
-        log_marginals = row_sums.log() + log_offset + (0 if log_w.dim() else log_w)
-        joint_weight = torch.exp(joint - log_qz[:, None])                 # softmax over j
-        ctx.save_for_backward(z, mu, root, buffer, row_sums, joint_weight)
+        batch, dims = z.shape
+        z_t, mu_t = z.t().contiguous(), mu.t().contiguous()    # (D, B): a row per dimension
+        root_t = _inverse_root_std(logvar).t().contiguous()
+        peak = -0.5 * (LOG_2PI + logvar)
+        shift = peak.max(0).values                             # (D,): L[:, :, d] <= shift[d]
+        peak_t = (peak - shift).t().contiguous()
+        joint_offset = log_w + shift.sum()
+        joint_weight = z.new_empty(batch, batch)               # the joint, then its softmax over j
+        row_sums = z.new_empty(dims, batch)
+        row_max = z.new_zeros(dims, batch)                     # subtracted in underflowed blocks
+        redone = set()
+        blocks = _row_blocks(batch, z.device)
+        scratch = z.new_empty(2, blocks[0].stop, batch)
+        for block, rows in enumerate(blocks):
+            joint = joint_weight[rows]
+            shifted, exp = scratch[:, :len(joint)]
+            for d in range(dims):
+                _shifted_log_density(z_t, mu_t, root_t, peak_t, log_w, rows, d, shifted, joint)
+                torch.sum(_exp_normal(shifted, exp), 1, out=row_sums[d, rows])
+                if (row_sums[d, rows] < 1e-30).any():          # exp underflowed: redo exactly
+                    torch.amax(shifted, 1, out=row_max[d, rows])
+                    shifted.sub_(row_max[d, rows, None])
+                    torch.sum(_exp_normal(shifted, exp), 1, out=row_sums[d, rows])
+                    redone.add((block, d))
+            joint.add_(joint_offset[rows] if log_w.dim() else joint_offset)
+        log_qz = _logsumexp_rows(joint_weight)
+        joint_weight = _exp_normal(joint_weight.sub_(log_qz[:, None]))  # softmax over j
+        log_marginals = row_sums.log() + row_max + shift[:, None] + (0 if log_w.dim() else log_w)
+        ctx.redone = redone
+        ctx.save_for_backward(z_t, mu_t, root_t, peak_t, log_w, joint_weight, row_sums, row_max)
         return log_qz, log_marginals.sum(0)
 
     @staticmethod
     def backward(ctx, grad_qz, grad_prod):
-        z, mu, root, buffer, row_sums, joint_weight = ctx.saved_tensors
-        joint_weight = joint_weight * grad_qz[:, None]
+        z_t, mu_t, root_t, peak_t, log_w, joint_weight, row_sums, row_max = ctx.saved_tensors
         row_scale = grad_prod[None, :] / row_sums
-        grads = [torch.empty_like(z), torch.empty_like(mu), torch.empty_like(mu)]
-        for d in range(z.shape[1]):
-            weight = torch.addcmul(joint_weight, buffer[d], row_scale[d, :, None])  # dOut / dL[i,j,d]
-            diff, r = z[:, d, None] - mu[None, :, d], root[None, :, d]
-            weighted = (weight * diff).mul_(r).mul_(r)            # W_ij (z_i - mu_j) / sigma_j
-            grads[0][:, d] = -(weighted * r).mul_(r).sum(1)       # sum_j W_ij dL/dz_i, -(z_i - mu_j) / var_j
-            grads[1][:, d] = weighted.sum(0) * r[0] * r[0]
-            squares = weighted.mul_(diff).mul_(r).mul_(r).sum(0)  # sum_i W_ij (z_i - mu_j)^2 / var_j
-            grads[2][:, d] = 0.5 * (squares - weight.sum(0))
-        return grads[0], grads[1], grads[2], None
+        grad_z = torch.empty_like(z_t)
+        column_sums = z_t.new_zeros(3, *z_t.shape)             # over i, for mu and logvar
+        blocks = _row_blocks(z_t.shape[1], z_t.device)
+        scratch = z_t.new_empty(4, blocks[0].stop, z_t.shape[1])
+        for block, rows in enumerate(blocks):
+            joint = joint_weight[rows] * grad_qz[rows, None]
+            density, weight, diff, weighted = scratch[:, :len(joint)]
+            for d in range(len(z_t)):
+                _shifted_log_density(z_t, mu_t, root_t, peak_t, log_w, rows, d, density)
+                if (block, d) in ctx.redone:
+                    density.sub_(row_max[d, rows, None])
+                _exp_normal(density, density)
+                torch.addcmul(joint, density, row_scale[d, rows, None], out=weight)  # dOut/dL
+                r = root_t[d]
+                torch.sub(z_t[d, rows, None], mu_t[d], out=diff)
+                torch.mul(weight, diff, out=weighted).mul_(r).mul_(r)  # W_ij (z_i - mu_j) / s_j
+                grad_z[d, rows] = -torch.mul(weighted, r, out=density).mul_(r).sum(1)
+                column_sums[0, d] += weighted.sum(0)
+                column_sums[1, d] += weighted.mul_(diff).mul_(r).mul_(r).sum(0)
+                column_sums[2, d] += weight.sum(0)
+        grad_mu = column_sums[0] * root_t * root_t             # sum_i W_ij (z_i - mu_j) / var_j
+        # column_sums[1]: sum_i W_ij (z_i - mu_j)^2 / var_j; [2]: sum_i W_ij
+        grad_logvar = 0.5 * (column_sums[1] - column_sums[2])
+        return grad_z.t(), grad_mu.t(), grad_logvar.t(), None
 
 
-def _log_density_slice(z, mu, logvar, d):
-    """L[:, :, d] = log N(z_i,d; mu_j,d, exp(logvar_j,d)), (B, B)."""
-    return log_normal(z[:, d, None], mu[None, :, d], logvar[None, :, d])
+def _exp_normal(x, out=None):
+    """exp(x) (into `out`, which may be x), 0 where that is below 1.002 times the smallest normal
+    float (where torch.set_flush_denormal(True), which train.py sets, gives 0, and a hair above):
+    the CPU's exp takes a path 10-100x slower for every x below log(tiny), -87.3 in float32, and
+    most of the estimator's terms lie far below it, so x is clamped above it first."""
+    log_tiny = math.log(torch.finfo(x.dtype).tiny)
+    out = torch.clamp(x, min=log_tiny + 0.001, out=out).exp_()
+    return F.threshold_(out, math.exp(log_tiny + 0.002), 0.0)
+
+
+def _logsumexp_rows(x):
+    """torch.logsumexp(x, dim=1) of a (B, B) matrix, its exp through _exp_normal."""
+    top = x.max(1, keepdim=True).values
+    top.masked_fill_(top.isinf(), 0.0)  # a row of -inf gives -inf, as torch.logsumexp does
+    return _exp_normal(x - top).sum(1).log_().add_(top[:, 0])
+
+
+def _shifted_log_density(z_t, mu_t, root_t, peak_t, log_w, rows, d, out, joint=None):
+    """L[rows, :, d] - shift[d] (+ log w[rows] for mss weights) into `out` (R, B): the block's
+    log-densities for the dimension-wise marginal. With `joint` (R, B), L[rows, :, d] - shift[d]
+    is first added to it (copied into it for d = 0)."""
+    r = root_t[d]
+    torch.sub(z_t[d, rows, None], mu_t[d], out=out).mul_(r).mul_(r)  # (z_i - mu_j) / sigma_j
+    out.square_().mul_(-0.5).add_(peak_t[d])
+    if joint is not None and d == 0:
+        joint.copy_(out)
+    elif joint is not None:
+        joint.add_(out)
+    if log_w.dim():
+        out.add_(log_w[rows])
 
 
 def tc_terms(z, mu, logvar, dataset_size, estimator="mws"):
