@@ -3279,9 +3279,12 @@ def test_torchrun_sigterm_leaves_one_checkpoint_that_resumes_in_one_process(tmp_
     assert err.count("stopped at step") == 1, err[-2000:]
     stopped = int(err.split("stopped at step ")[1].split("/")[0])
     assert load(out)["step"] == stopped >= 3
-    assert [f for f in os.listdir(tmp_path) if f != "ckpt.pt"] == []
-    assert run_train(tmp_path, "--resume", "--steps", str(stopped + 2), "--final-eval", "20")[0] == 0
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.history.csv", "ckpt.pt"]  # no temporary files
+    resume = ("--resume", "--steps", str(stopped + 2), "--final-eval", "20", "--log-every", "1")
+    assert run_train(tmp_path, *resume)[0] == 0
     assert load(out)["step"] == stopped + 2
+    loss_steps = [step for step, _ in history_by_name(out)["loss"]]
+    assert loss_steps == list(range(1, stopped + 3))  # the first process's rows, each step once
 
 
 def test_torchrun_refuses_a_batch_that_does_not_divide(tmp_path):
