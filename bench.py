@@ -423,6 +423,7 @@ def main(argv=None):
 def run_groups(args):
     """Measure the chosen groups of rows, then print the table."""
     torch.set_flush_denormal(True)  # as train.py does
+    runtime.reuse_freed_memory()  # as train.py does
     torch.manual_seed(0)
     groups = set(args.only or GROUPS)
     print(f"bench on {os.cpu_count()} CPU cores, torch {torch.__version__} "

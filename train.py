@@ -608,6 +608,7 @@ class _Run:
         self.history = []
         self.evaluations = []
         self.skipped = 0
+        self.loop_img_per_s = 0.0  # set by _loop (_steady_rate)
         self.latent_kl = torch.zeros(config["latents"], device=device)  # summed since last logged
         self.history_csv = runtime.history_path(config["out"])
         self.tensorboard = None  # --tensorboard: a SummaryWriter on the first process
@@ -969,6 +970,7 @@ def _loop(run, stop):
                                 config["log_every"], live=runtime.rank() == 0)
     window = {}
     skipped_in_a_row = 0
+    warm = None  # (time, step) once the first step trained now is done: _steady_rate
     while run.step < config["steps"] and not _any_process_stopping(stop, device):
         # this process's slice of the global batch, and of the global reparameterisation noise
         index = run.sampler.next()
@@ -983,6 +985,7 @@ def _loop(run, stop):
             continue
         run.step += 1
         skipped_in_a_row = 0
+        warm = warm or (time.perf_counter(), run.step)
         # the history, a periodic MIG, the progress line, a checkpoint
         _log(run, window, progress, terms)
         eval_every = config["eval_every"]
@@ -993,8 +996,21 @@ def _loop(run, stop):
         progress.update(run.step, terms, force=run.step == config["steps"])
         if run.step % config["save_every"] == 0 and run.step < config["steps"]:
             run.save()
+    run.loop_img_per_s = _steady_rate(run, progress, warm)
     progress.close()
     return progress
+
+
+def _steady_rate(run, progress, warm):
+    """Images per second from the end of the first step trained now (`warm`: (time, step)) to
+    now, the end of the loop: the training speed without the first step, which allocates the
+    optimizer's state and warms the kernels up (bench.py's bare step leaves it out too), and
+    without the checkpoint written after the loop. With one step trained, the rate since the
+    start."""
+    if warm is None or warm[1] == run.step:
+        return progress.rate(run.step)
+    seconds = max(time.perf_counter() - warm[0], 1e-9)
+    return (run.step - warm[1]) * run.images_per_step / seconds
 
 
 def _finish(run, stop, progress, resumed):
@@ -1009,7 +1025,7 @@ def _finish(run, stop, progress, resumed):
         return 128 + stop.signal
     if runtime.rank() != 0:
         return 0
-    final = {"step": run.step, "img_per_s": progress.rate(run.step), "skipped": run.skipped}
+    final = {"step": run.step, "img_per_s": run.loop_img_per_s, "skipped": run.skipped}
     nothing_trained = run.step == progress.start_step
     if nothing_trained and resumed and "final" in resumed:  # keep the speed it was trained at
         final["img_per_s"] = resumed["final"]["img_per_s"]
@@ -1117,6 +1133,7 @@ def main(argv=None):
         return _check_runs()
     _, args = _parse_args(argv)
     torch.set_flush_denormal(True)  # denormal weights halve the CPU's speed otherwise
+    runtime.reuse_freed_memory()  # no page faults for each step's tensors
     try:
         return runtime.report_errors(lambda: train(args), args.debug)
     finally:
