@@ -3236,11 +3236,18 @@ def test_torchrun_two_processes_equal_one_at_the_same_global_batch(tmp_path, mod
     assert "Warning" not in err and err.count("training ") == 1 and out.count("done:") == 1
     assert train.main([*argv, "--device", "cpu", "--out", str(tmp_path / "one.pt")]) == 0
     ddp, one = load(tmp_path / "ddp.pt"), load(tmp_path / "one.pt")
-    for term in ("loss", "recon", "kl"):
-        assert ddp["history"][0][term] == pytest.approx(one["history"][0][term], rel=1e-5), term
+    for step, (ddp_terms, one_terms) in enumerate(zip(ddp["history"], one["history"])):
+        for term in ("loss", "recon", "kl"):  # every step of the trajectory, not only the first
+            tolerance = dict(rel=1e-5) if step == 0 else dict(rel=1e-4, abs=1e-5)
+            assert ddp_terms[term] == pytest.approx(one_terms[term], **tolerance), (step, term)
+    assert len(ddp["history"]) == len(one["history"]) == 20
     assert ddp["final"]["samples"] == 40
+    # Adam moves a weight by about lr whatever its gradient's size, so a weight whose gradient is
+    # ~0 (beta-TCVAE's TC term on a tiny, near-collapsed model) goes either way on rounding noise
+    # in the order of a sum: the weights agree to a few steps of lr 1e-3, the losses to 1e-5.
+    atol = 1e-4 if model == "vae" else 3e-3
     for name, tensor in one["model"].items():
-        assert torch.allclose(ddp["model"][name], tensor, rtol=1e-3, atol=1e-4), name
+        assert torch.allclose(ddp["model"][name], tensor, rtol=1e-3, atol=atol), name
 
 
 def test_torchrun_splits_pairs_whole_and_equals_one_process(tmp_path):
