@@ -70,8 +70,9 @@ def bare_step_rate(arch, precision, batch_size, steps, objective="betatc", image
 
 
 def train_loop_rate(arch, precision, batch_size, steps, folder, seed=0, device="cpu"):
-    """train.py itself: the rate it saves covers its training loop only (not start-up or
-    evaluation)."""
+    """train.py itself: the rate it saves is its loop's from the end of the first step to the end
+    of the last, as bare_step_rate times it (not start-up, the first step, which allocates Adam's
+    state, the checkpoint or the evaluation)."""
     out = os.path.join(folder, f"bench-{arch}-{precision}.pt")
     argv = ["--data", BENCH_DATA, "--arch", arch, "--precision", precision, "--batch-size",
             str(batch_size), "--steps", str(steps), "--out", out, "--force", "--log-every",

@@ -3655,6 +3655,7 @@ def test_anomaly_example_refuses_bad_arguments_in_one_line(capsys):
                           (["--grid", "sprites:positions=8"], "--grid")]:
         assert_one_line_usage_error(anomaly.main, argv, "anomaly.py", message, capsys)
 
+
 # ----------------------------------------------------------------------------- examples
 
 def test_bench_and_the_examples_report_a_bad_argument_in_one_line(capsys):
