@@ -110,6 +110,16 @@ def parse_args(argv=None):
                     "  python traverse.py ckpt.pt --score sprites        # only scores.csv, "
                     "scores.png\n\n"
                     "See the top of traverse.py for what each file shows.")
+    _what_options(p)
+    _picture_options(p.add_argument_group("pictures"))
+    _running_options(p.add_argument_group("running"))
+    args = p.parse_args(argv)
+    _check_arguments(p, args)
+    return args
+
+
+def _what_options(p):
+    """The checkpoint, and what to write: pictures, metrics, codes or scores."""
     p.add_argument("checkpoint", help="checkpoint written by train.py (its --out)")
     p.add_argument("--out", help="folder for the pictures and metrics.json (default: the "
                    "checkpoint's folder)")
@@ -140,7 +150,9 @@ def parse_args(argv=None):
                         "z ~ q(z|x) drawn with --seed, not at the mean); write scores.csv "
                         "(index,neg_elbo,recon,kl, factors) "
                         "and scores.png (most typical images above least typical)")
-    g = p.add_argument_group("pictures")
+
+
+def _picture_options(g):
     g.add_argument("--image", type=int, default=0, help="index of the image whose code is swept")
     g.add_argument("--range", type=float, default=3.0,
                    help="sweep each latent over [-range, range]")
@@ -150,14 +162,19 @@ def parse_args(argv=None):
     g.add_argument("--stats-subset", type=int, default=10_000,
                    help="images encoded for the latents' order and labels (mean KL, best factor); "
                         "with --metrics or --codes the whole dataset is used instead")
-    g = p.add_argument_group("running")
+
+
+def _running_options(g):
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: cuda when available, else cpu")
     g.add_argument("--seed", type=int, default=0,
                    help="seed of the metrics' sampling, the prior samples, the image subsets and "
                         "--score's samples z")
     g.add_argument("--debug", action="store_true", help="show tracebacks")
-    args = p.parse_args(argv)
+
+
+def _check_arguments(p, args):
+    """Each combination or value the parser cannot refuse by itself: one line, exit 2."""
     checks = [
         (not (args.range > 0 and math.isfinite(args.range)), "--range must be a positive number"),
         (args.steps < 2, "--steps must be at least 2"),
@@ -173,7 +190,6 @@ def parse_args(argv=None):
         if failed:
             p.error(message)
     runtime.check_seed(p, args.seed)
-    return args
 
 
 # ----------------------------------------------------------------------------- drawing
