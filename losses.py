@@ -457,9 +457,13 @@ def _same_float(*tensors):
     return tuple(t.to(dtype) for t in tensors)
 
 
-def _paired_posteriors(mu, logvar, method):
+def _paired_posteriors(mu, logvar, method, images):
     """(2P, D) posteriors of [first images; second images] -> aggregated (2P, D) twice, and the
-    batch mean of the number of latents taken as shared per pair (0-dim)."""
+    batch mean of the number of latents taken as shared per pair (0-dim). `images`: how many
+    images were reconstructed, which must be 2P too."""
+    if images != len(mu):
+        raise ValueError(f"{method}: {images} images for {len(mu)} codes; pass the pairs' images "
+                         "and codes in the same order")
     if mu.shape[0] % 2:
         raise ValueError(f"{method} trains on pairs: the batch must be [first images; second "
                          f"images], an even number of rows, got {mu.shape[0]}")
@@ -475,12 +479,16 @@ def objective(name, x, logits, mu, logvar, z, beta=6.0, alpha=1.0, gamma=None, d
     """The loss to minimise (a 0-dim float32 tensor, the batch mean) and a dict of batch-mean floats.
 
     x, logits (B, C, H, W); mu, logvar, z (B', D); `name` one of OBJECTIVES or PAIR_OBJECTIVES
-    (see the module docstring for each formula). The reconstruction is averaged over its B rows and the code terms
-    over their B' rows, separately: with one process B' = B; under data-parallel training each
-    process passes its own images and the codes of the whole batch, gathered from every process
-    (with gradients), so the terms that compare samples (betatc, factorvae, the DIP-VAEs) see the
-    whole batch and the averaged gradients equal one process's. Hyperparameters:
-      beta, alpha        betavae's KL weight; betatc's TC and MI weights
+    (the module docstring gives each formula). The reconstruction is averaged over its B rows and
+    the code terms over their B' rows, separately: with one process B' = B; under data-parallel
+    training each process passes its own images and the whole batch's codes, gathered with
+    gradients, so the terms that compare samples (betatc, factorvae, the DIP-VAEs) see the whole
+    batch and the averaged gradients equal one process's. adagvae and mlvae take each process's
+    own pairs (B' = B = 2P, rows [first images; second images], row p pairs with row P + p): mu,
+    logvar the encoder's posteriors, z a sample of `aggregate_pair`'s; the loss is the mean over
+    the 2P images of recon + beta KL(aggregate || N(0, I)), as disentanglement_lib's
+    0.5 (first half's mean + second half's mean). Hyperparameters:
+      beta, alpha        betavae's, adagvae's and mlvae's KL weight; betatc's TC and MI weights
       gamma              betatc's dimension-wise KL weight (default 1), betavae-with-capacity's
                          |KL - C| weight (default 1000), factorvae's TC weight (FACTORVAE_GAMMA)
       dataset_size       N, for betatc's estimator (`estimator`, mws or mss)
@@ -489,60 +497,57 @@ def objective(name, x, logits, mu, logvar, z, beta=6.0, alpha=1.0, gamma=None, d
                                         DIP_DIAGONAL_RATIO times lambda_od)
       tc_logits          factorvae: the discriminator's (B, 2) logits on this z, not detached
                          (column 0: "a sample of q(z)", 1: "of prod_j q(z_j)")
-    adagvae and mlvae take pairs, each process its own (no gathering, B' = B = 2P): rows
-    [first images; second images], so row p and row P + p are a pair; mu, logvar the encoder's
-    posteriors, z a sample of `aggregate_pair`'s (see the module docstring). The loss is
-    Locatello et al.'s beta-weighted ELBO of both images under the aggregated posteriors,
-    mean over the 2P images of recon + beta KL(aggregate || N(0, I)), as disentanglement_lib's
-    0.5 (first half's mean + second half's mean).
-    terms: recon and kl (nats per image, unweighted); betavae with capacity adds capacity;
-    betatc adds mi, tc, dwkl without the mws estimator's constant offsets (`estimator_offsets`:
-    near 0 for a collapsed model, comparable between mws and mss; the loss keeps Chen et al.'s
-    terms, the constants do not change its gradient); factorvae adds tc, the batch mean of
-    tc_logits[:, 0] - tc_logits[:, 1]; adagvae and mlvae log the aggregated posteriors' kl and
-    add shared, the mean number of latents per pair taken as shared; the DIP-VAEs add dip, the penalty before its weights,
-    sum_{i!=j} C_ij^2 + sum_i (C_ii - 1)^2 = ||C - I||_F^2 (a batch statistic, added once to the
-    batch-mean loss). One device sync in all. Raises ValueError for an unknown name, a missing
-    dataset_size (betatc) or tc_logits (factorvae), or pairs of unequal halves.
+    terms, in nats per image and unweighted: recon and kl (adagvae, mlvae: the aggregated
+    posteriors' kl), and per objective capacity (betavae with capacity), mi, tc, dwkl (betatc,
+    without the mws estimator's constant `estimator_offsets`, which do not change the gradient),
+    tc (factorvae: the batch mean of tc_logits[:, 0] - tc_logits[:, 1]), dip (the DIP-VAEs'
+    ||C - I||_F^2 before its weights, a batch statistic added once), shared (adagvae, mlvae: the
+    mean number of latents per pair taken as shared). One device sync. Raises ValueError for an
+    unknown name, no dataset_size (betatc) or tc_logits (factorvae), or pairs of unequal halves.
     """
     if name not in OBJECTIVES + PAIR_OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; choose one of "
                          f"{', '.join(OBJECTIVES + PAIR_OBJECTIVES)}")
     recon_term = recon_loss(logits, x, recon)
     if name in PAIR_OBJECTIVES:
-        if len(recon_term) != len(mu):
-            raise ValueError(f"{name}: {len(recon_term)} images for {len(mu)} codes; pass the "
-                             "pairs' images and codes in the same order")
-        mu, logvar, shared = _paired_posteriors(mu, logvar, name)
+        mu, logvar, shared = _paired_posteriors(mu, logvar, name, images=len(recon_term))
     kl = kl_normal(mu, logvar).sum(1)
     terms = {"recon": recon_term.mean(), "kl": kl.mean()}
     if name in PAIR_OBJECTIVES:
-        penalty = beta * kl.mean()
         terms["shared"] = shared
-    elif name == "ae":
+    if name == "ae":
         penalty = torch.zeros((), device=kl.device)
     elif name == "vae":
         penalty = kl.mean()
-    elif name == "betavae" and capacity is None:
+    elif name == "betavae" and capacity is not None:
+        penalty = _capacity(kl, gamma, capacity_at(step, capacity, capacity_steps), terms)
+    elif name in ("betavae",) + PAIR_OBJECTIVES:
         penalty = beta * kl.mean()
-    elif name == "betavae":
-        gamma = 1000.0 if gamma is None else gamma
-        target = capacity_at(step, capacity, capacity_steps)
-        penalty = gamma * (kl.mean() - target).abs()
-        terms["capacity"] = torch.tensor(target, device=kl.device)
     elif name == "betatc":
         penalty = _betatc(mu, logvar, z, beta, alpha, gamma, dataset_size, estimator, terms)
     elif name == "factorvae":
-        penalty = kl.mean() + _factorvae(kl, tc_logits, FACTORVAE_GAMMA if gamma is None else gamma, terms)
+        gamma = FACTORVAE_GAMMA if gamma is None else gamma
+        penalty = kl.mean() + _factorvae(kl, tc_logits, gamma, terms)
     else:
-        lambda_od = DIP_LAMBDA_OD if lambda_od is None else lambda_od
-        lambda_d = DIP_DIAGONAL_RATIO[name] * lambda_od if lambda_d is None else lambda_d
-        off_diagonal, diagonal = dip_terms(mu, logvar if name == "dipvae2" else None)
-        penalty = kl.mean() + lambda_od * off_diagonal + lambda_d * diagonal
-        terms["dip"] = off_diagonal + diagonal
+        penalty = kl.mean() + _dip(name, mu, logvar, lambda_od, lambda_d, terms)
     loss = recon_term.mean() + penalty
     values = torch.stack([t.detach().float() for t in terms.values()]).tolist()  # one device sync
     return loss, dict(zip(terms, values))
+
+
+def _capacity(kl, gamma, target, terms):
+    """Burgess et al.: gamma |KL - C| with C the schedule's target at this step."""
+    terms["capacity"] = torch.tensor(target, device=kl.device)
+    return (1000.0 if gamma is None else gamma) * (kl.mean() - target).abs()
+
+
+def _dip(name, mu, logvar, lambda_od, lambda_d, terms):
+    """Kumar et al.: lambda_od sum_{i!=j} C_ij^2 + lambda_d sum_i (C_ii - 1)^2."""
+    lambda_od = DIP_LAMBDA_OD if lambda_od is None else lambda_od
+    lambda_d = DIP_DIAGONAL_RATIO[name] * lambda_od if lambda_d is None else lambda_d
+    off_diagonal, diagonal = dip_terms(mu, logvar if name == "dipvae2" else None)
+    terms["dip"] = off_diagonal + diagonal
+    return lambda_od * off_diagonal + lambda_d * diagonal
 
 
 def _betatc(mu, logvar, z, beta, alpha, gamma, dataset_size, estimator, terms):
