@@ -1142,4 +1142,13 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun
+        # torch 2.13 keeps a process group that DDP or a functional collective used alive after
+        # destroy_process_group, and its gloo threads race the interpreter's teardown: a process
+        # that leaves first could abort ("terminate called without an active exception", exit
+        # -6) while the others evaluate. Everything is saved: leave without the teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
