@@ -493,8 +493,7 @@ def objective(name, x, logits, mu, logvar, z, beta=6.0, alpha=1.0, gamma=None, d
                          |KL - C| weight (default 1000), factorvae's TC weight (FACTORVAE_GAMMA)
       dataset_size       N, for betatc's estimator (`estimator`, mws or mss)
       capacity, capacity_steps, step    Burgess et al.'s schedule (`capacity_at`)
-      lambda_od, lambda_d               the DIP-VAEs' weights (DIP_LAMBDA_OD; lambda_d from
-                                        DIP_DIAGONAL_RATIO times lambda_od)
+      lambda_od, lambda_d               the DIP-VAEs' weights (DIP_LAMBDA_OD, DIP_DIAGONAL_RATIO)
       tc_logits          factorvae: the discriminator's (B, 2) logits on this z, not detached
                          (column 0: "a sample of q(z)", 1: "of prod_j q(z_j)")
     terms, in nats per image and unweighted: recon and kl (adagvae, mlvae: the aggregated
