@@ -107,10 +107,14 @@ def world_size():
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def started_by_torchrun():
+    """Whether torchrun started this process (it sets TORCHELASTIC_RUN_ID, and RANK)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 def first_process():
-    """Rank 0, also before the process group exists (torchrun sets RANK and TORCHELASTIC_RUN_ID)."""
-    started_by_torchrun = "TORCHELASTIC_RUN_ID" in os.environ
-    return rank() == 0 and (not started_by_torchrun or os.environ.get("RANK", "0") == "0")
+    """Rank 0, also before the process group exists."""
+    return rank() == 0 and (not started_by_torchrun() or os.environ.get("RANK", "0") == "0")
 
 
 def resolve_device(name, local_rank=0):

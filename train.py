@@ -1143,7 +1143,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     code = main()
-    if "TORCHELASTIC_RUN_ID" in os.environ:  # started by torchrun
+    if runtime.started_by_torchrun():
         # torch 2.13 keeps a process group that DDP or a functional collective used alive after
         # destroy_process_group, and its gloo threads race the interpreter's teardown: a process
         # that leaves first could abort ("terminate called without an active exception", exit
